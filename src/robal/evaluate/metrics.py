@@ -1,0 +1,54 @@
+"""Accuracy per class and per group, worst class, and the natural / boundary error decomposition."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+# many / medium / few by training images per class (the usual bands); when a band would be empty the
+# classes are split into thirds by training count instead.
+BANDS = {"many": lambda n: n > 1000, "medium": lambda n: 200 <= n <= 1000, "few": lambda n: n < 200}
+
+
+def per_class_accuracy(correct: np.ndarray, labels: np.ndarray, num_classes: int) -> list[float]:
+    right = np.bincount(labels, weights=correct.astype(float), minlength=num_classes)
+    seen = np.bincount(labels, minlength=num_classes)
+    return [float(100 * r / s) if s else float("nan") for r, s in zip(right, seen)]
+
+
+def class_groups(class_counts: list[int]) -> tuple[dict[str, list[int]], str]:
+    """Classes of each group and the rule used ('bands >1000 / 200-1000 / <200' or 'thirds')."""
+    groups = {g: [c for c, n in enumerate(class_counts) if in_band(n)] for g, in_band in BANDS.items()}
+    if all(groups.values()):
+        return groups, "bands: many > 1000, medium 200-1000, few < 200 training images"
+    order = list(np.argsort(class_counts, kind="stable")[::-1])
+    k = len(order)
+    thirds = [sorted(int(c) for c in order[round(i * k / 3):round((i + 1) * k / 3)]) for i in range(3)]
+    return dict(zip(BANDS, thirds)), "thirds of the classes by training images"
+
+
+def standard_error(accuracy_pct: float, n: int) -> float:
+    p = accuracy_pct / 100
+    return float(100 * math.sqrt(max(p * (1 - p), 0) / n)) if n else float("nan")
+
+
+def attack_metrics(correct: np.ndarray, clean_correct: np.ndarray, labels: np.ndarray,
+                   class_counts: list[int]) -> dict:
+    """Everything reported for one attack; accuracies in percent."""
+    c = len(class_counts)
+    per_class = per_class_accuracy(correct, labels, c)
+    groups, _ = class_groups(class_counts)
+    boundary = clean_correct & ~correct  # right on the clean image, wrong under attack
+    worst = int(np.nanargmin(per_class))
+    accuracy = float(100 * correct.mean())
+    return {
+        "accuracy": accuracy,
+        "std_error": standard_error(accuracy, len(labels)),
+        "per_class": per_class,
+        "groups": {g: float(np.mean([per_class[k] for k in ks])) for g, ks in groups.items()},
+        "worst_class": {"class": worst, "accuracy": per_class[worst]},
+        "natural_error": float(100 * (~clean_correct).mean()),
+        "boundary_error": float(100 * boundary.mean()),
+        "per_class_boundary_error": per_class_accuracy(boundary, labels, c),
+        "balanced_robustness": float(np.nanmean(per_class)),
+    }

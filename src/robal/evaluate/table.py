@@ -1,0 +1,24 @@
+"""Plain-text tables of an evaluation result."""
+from __future__ import annotations
+
+
+def format_table(result: dict, class_names: list[str] | None = None) -> str:
+    attacks = list(result["attacks"])
+    counts = result["class_counts"]
+    names = class_names or [str(c) for c in range(len(counts))]
+    width = max(8, *(len(a) for a in attacks))
+    head = f"{'':<22}" + "".join(f"{a:>{width + 2}}" for a in attacks)
+    rows = [head, "-" * len(head)]
+
+    def row(label, values):
+        rows.append(f"{label:<22}" + "".join(f"{v:>{width + 2}.2f}" for v in values))
+
+    row("overall", [result["attacks"][a]["accuracy"] for a in attacks])
+    for group in ("many", "medium", "few"):
+        row(group, [result["attacks"][a]["groups"][group] for a in attacks])
+    row("worst class", [result["attacks"][a]["worst_class"]["accuracy"] for a in attacks])
+    rows.append("-" * len(head))
+    for c in sorted(range(len(counts)), key=lambda k: -counts[k]):
+        row(f"{names[c][:12]} (n={counts[c]})", [result["attacks"][a]["per_class"][c] for a in attacks])
+    rows.append(f"groups: {result['groups_rule']}; n_test = {result['n_test']}, eps = {result['eps']:.4f}")
+    return "\n".join(rows)

@@ -1,0 +1,112 @@
+"""Classifier heads. `forward(f)` gives the raw logits z the method predicts with (before inference-time
+adjustments); `training_logits(f)` gives what the training losses see (differs for CDT and TDE)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from ..registry import Registry
+
+HEADS = Registry("head")
+
+
+class LinearHead(nn.Linear):
+    """FC: z_c = <w_c, f> + b_c."""
+
+    def training_logits(self, f):
+        return self(f)
+
+
+class CosineHead(nn.Module):
+    """Cosine classifier: z_c = <f / ||f||, w_c / (||w_c|| + gamma)>.
+
+    gamma = 0 is the plain cosine head; gamma > 0 is RoBal's scale-invariant head (gamma 1/32), where a small
+    ||w_c|| shrinks class c's logits, so the norm still carries a little per-class scale.
+    """
+
+    def __init__(self, in_features: int, num_classes: int, gamma: float = 0.0):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_classes, in_features))
+        nn.init.kaiming_uniform_(self.weight, a=5 ** 0.5)
+        self.gamma = gamma
+
+    def normalised_weight(self):
+        return self.weight / (self.weight.norm(dim=1, keepdim=True) + self.gamma)
+
+    def forward(self, f):
+        return F.normalize(f, dim=1) @ self.normalised_weight().t()
+
+    def training_logits(self, f):
+        return self(f)
+
+
+class LWSHead(LinearHead):
+    """Learnable weight scaling: z_c = s_c * (<w_c, f> + b_c), s_c learned (the backbone usually frozen)."""
+
+    def __init__(self, in_features: int, num_classes: int):
+        super().__init__(in_features, num_classes)
+        self.class_scale = nn.Parameter(torch.ones(num_classes))
+
+    def forward(self, f):
+        return super().forward(f) * self.class_scale
+
+
+class CDTHead(LinearHead):
+    """Class-dependent temperature (Ye et al.): in training z_c / a_c with a_c = (n_max / n_c)^tau; plain at inference."""
+
+    def __init__(self, in_features: int, num_classes: int, class_counts, tau: float = 0.1):
+        super().__init__(in_features, num_classes)
+        counts = torch.as_tensor(class_counts, dtype=torch.float)
+        self.register_buffer("temperature", (counts.max() / counts) ** tau)
+
+    def training_logits(self, f):
+        return self(f) / self.temperature
+
+
+class TDEHead(CosineHead):
+    """Cosine head that tracks the moving-average feature direction d in training (Tang et al., TDE).
+
+    Inference-time removal (the `tde` adjustment) subtracts alpha * cos(f, d) * d-hat from the unit feature.
+    """
+
+    def __init__(self, in_features: int, num_classes: int, gamma: float = 0.0, momentum: float = 0.9):
+        super().__init__(in_features, num_classes, gamma)
+        self.momentum = momentum
+        self.register_buffer("mean_feature", torch.zeros(in_features))
+
+    def training_logits(self, f):
+        if self.training:
+            with torch.no_grad():
+                self.mean_feature.mul_(self.momentum).add_(f.detach().float().mean(0), alpha=1 - self.momentum)
+        return self(f)
+
+    def logits_without_direction(self, f, alpha: float):
+        unit = F.normalize(f, dim=1)
+        d = F.normalize(self.mean_feature, dim=0)
+        return (unit - alpha * (unit @ d)[:, None] * d) @ self.normalised_weight().t()
+
+
+@HEADS.register("linear")
+def linear(in_features, num_classes, class_counts):
+    return LinearHead(in_features, num_classes)
+
+
+@HEADS.register("cosine")
+def cosine(in_features, num_classes, class_counts, gamma: float = 0.0):
+    return CosineHead(in_features, num_classes, gamma)
+
+
+@HEADS.register("lws")
+def lws(in_features, num_classes, class_counts):
+    return LWSHead(in_features, num_classes)
+
+
+@HEADS.register("cdt")
+def cdt(in_features, num_classes, class_counts, tau: float = 0.1):
+    return CDTHead(in_features, num_classes, class_counts, tau)
+
+
+@HEADS.register("tde")
+def tde(in_features, num_classes, class_counts, gamma: float = 0.0, momentum: float = 0.9):
+    return TDEHead(in_features, num_classes, gamma, momentum)

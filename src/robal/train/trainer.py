@@ -1,0 +1,236 @@
+"""The config-driven trainer: one loop for every method (the method is the composition in the config)."""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from tqdm import tqdm
+
+from ..config import Config
+from ..data import DeviceLoader, prepare_data
+from ..losses import LOSSES
+from ..models import build_model
+from ..registry import ConfigError
+from .checkpoint import (atomic_save, latest_good_checkpoint, model_checkpoint, prune, read_checkpoint,
+                         rng_state, set_rng_state)
+from .frameworks import FRAMEWORKS, TrainingAttack
+from .weighting import WEIGHTINGS
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def step_lr(base_lr: float, epoch: int, milestones: list[int], gamma: float) -> float:
+    """lr of 1-based `epoch`: base * gamma^(milestones reached); x0.1 at 60 and 75 means epochs 60-74 use 0.01."""
+    return base_lr * gamma ** sum(epoch >= m for m in milestones)
+
+
+def autocast_for(device: torch.device, amp: str):
+    use = amp == "bf16" or (amp == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if use else contextlib.nullcontext()
+
+
+def model_spec(cfg: Config, data) -> dict:
+    return {"backbone": cfg.model.backbone, "backbone_args": dict(cfg.model.backbone_args),
+            "head": cfg.model.head, "head_args": dict(cfg.model.head_args),
+            "class_counts": list(data.class_counts), "class_names": list(data.class_names),
+            "mean": data.mean, "std": data.std, "inference": [dict(i) for i in cfg.inference]}
+
+
+def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    if out.exists() and any(out.iterdir()) and not resume:
+        if not overwrite:
+            raise FileExistsError(f"run directory {out} already exists and is not empty; pass --resume to continue "
+                                  f"it or --overwrite to replace it")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def init_from_checkpoint(model, path: str) -> None:
+    """Fine-tuning start: copy every matching tensor (an LWS head takes a linear head's weight and bias)."""
+    state = read_checkpoint(path)["state_dict"]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or any(not k.endswith("class_scale") for k in missing):
+        raise ConfigError(f"train.init_from: {path} does not fit this model (missing {missing}, "
+                          f"unexpected {unexpected})")
+
+
+TRAINABLE = {
+    "all": lambda model: model.parameters(),
+    "head": lambda model: model.head.parameters(),
+    "class_scale": lambda model: [model.head.class_scale],
+}
+
+
+class Trainer:
+    def __init__(self, cfg: Config, out: str | Path, resume: bool = False, overwrite: bool = False,
+                 progress: bool = True):
+        self.cfg, self.out, self.progress = cfg, Path(out), progress
+        self.device = resolve_device(cfg.device)
+        prepare_run_dir(self.out, resume, overwrite)
+        seed_everything(cfg.seed)
+        self.data = prepare_data(cfg.data)
+        t = cfg.train
+        self.model = build_model(model_spec(cfg, self.data))
+        if t.init_from:
+            init_from_checkpoint(self.model, t.init_from)
+        self.model.to(self.device)
+        if t.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        params = list(TRAINABLE[t.trainable](self.model))
+        if t.trainable == "class_scale" and not hasattr(self.model.head, "class_scale"):
+            raise ConfigError("train.trainable: class_scale needs the 'lws' head")
+        trainable_ids = {id(p) for p in params}
+        for p in self.model.parameters():
+            p.requires_grad_(id(p) in trainable_ids)
+        self.optimizer = torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+        self.loss = LOSSES.build(t.loss, t.loss_args, "train.loss_args", class_counts=self.data.class_counts)
+        self.loss.to(self.device)
+        a = t.attack
+        attack = TrainingAttack(a.eps, a.step_size, a.steps, a.loss, a.loss_args, a.random_start)
+        self.framework = FRAMEWORKS.build(t.framework, t.framework_args, "train.framework_args",
+                                          loss=self.loss, attack=attack)
+        self.loader = DeviceLoader(self.data.x_train, self.data.y_train, t.batch_size, self.device, t.sampler,
+                                   cfg.data.crop_padding, cfg.data.flip, seed=cfg.seed, channels_last=t.channels_last)
+        self.start_epoch = 0
+        if resume:
+            self._resume()
+        (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+    # ------------------------------------------------------------ state
+
+    def _resume(self) -> None:
+        found = latest_good_checkpoint(self.out)
+        if found is None:
+            return
+        path, ckpt = found
+        self.model.load_state_dict(ckpt["state_dict"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        set_rng_state(ckpt["rng"], self.loader.generator)
+        self.start_epoch = ckpt["meta"]["epoch"]
+        print(f"resuming from {path} (epoch {self.start_epoch} done)")
+
+    def meta(self, epoch: int) -> dict:
+        return {"epoch": epoch, "config": self.cfg.to_dict(), "class_counts": self.data.class_counts,
+                "class_names": self.data.class_names, "logit_scale": self.logit_scale()}
+
+    def save_epoch(self, epoch: int) -> None:
+        ckpt = model_checkpoint(self.model, self.meta(epoch))
+        ckpt["optimizer"] = self.optimizer.state_dict()
+        ckpt["rng"] = rng_state(self.loader.generator)
+        atomic_save(ckpt, self.out / f"epoch_{epoch:03d}.pt")
+        prune(self.out, self.cfg.train.keep_last)
+
+    @torch.no_grad()
+    def logit_scale(self) -> float:
+        """Mean std of the predicted logits over up to 256 training images: the scale attacks see."""
+        was_training = self.model.training
+        self.model.eval()
+        x = self.loader.x[:256].float().div(255)
+        scale = self.model(x).float().std(1).mean().item()
+        self.model.train(was_training)
+        return scale
+
+    def log(self, record: dict) -> None:
+        with open(self.out / "log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    # ------------------------------------------------------------ loop
+
+    def train_epoch(self, epoch: int) -> dict:
+        t = self.cfg.train
+        lr = step_lr(t.lr, epoch + 1, t.lr_milestones, t.lr_gamma)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        class_weight = WEIGHTINGS.build(t.weighting, t.weighting_args, "train.weighting_args",
+                                        class_counts=self.data.class_counts, epoch=epoch)
+        if class_weight is not None:
+            class_weight = class_weight.to(self.device)
+        self.model.train()
+        if t.trainable != "all":  # frozen backbone keeps its BatchNorm statistics
+            self.model.backbone.eval()
+        totals = torch.zeros(5, device=self.device)  # loss sum, clean right, clean seen, adv right, adv seen
+        bar = tqdm(self.loader, desc=f"epoch {epoch + 1}/{t.epochs}", disable=not self.progress, leave=False)
+        start = time.perf_counter()
+        for step, (x, y) in enumerate(bar):
+            with autocast_for(self.device, t.amp):
+                loss, z_clean, z_adv = self.framework(self.model, x, y, class_weight)
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(f"non-finite loss at epoch {epoch + 1}, batch {step + 1}; the last good "
+                                       f"checkpoint in {self.out} is kept")
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            totals += self._batch_stats(loss, z_clean, z_adv, x, y, step)
+            if step % t.stats_every == 0 and self.progress:
+                bar.set_postfix(self._summary(totals), refresh=False)
+        seconds = time.perf_counter() - start
+        if not all(torch.isfinite(p).all() for p in self.model.parameters()):
+            raise TrainingDiverged(f"non-finite weights after epoch {epoch + 1}; the last good checkpoint in "
+                                   f"{self.out} is kept")
+        return {"epoch": epoch + 1, "lr": lr, **self._summary(totals), "seconds": round(seconds, 2),
+                "images_per_s": round(len(self.loader.y) / seconds, 1)}
+
+    def _batch_stats(self, loss, z_clean, z_adv, x, y, step):
+        stats = torch.zeros(5, device=self.device)
+        stats[0] = loss.detach() * len(y)
+        if z_clean is None and step % self.cfg.train.stats_every == 0:
+            self.model.eval()
+            with torch.no_grad():
+                z_clean = self.model.training_logits(x)
+            self.model.train()
+        if z_clean is not None:
+            stats[1], stats[2] = (z_clean.argmax(1) == y).sum(), len(y)
+        if z_adv is not None:
+            stats[3], stats[4] = (z_adv.argmax(1) == y).sum(), len(y)
+        return stats
+
+    @staticmethod
+    def _summary(totals) -> dict:
+        loss, c_right, c_seen, a_right, a_seen = totals.tolist()
+        seen = max(a_seen, c_seen, 1)
+        out = {"loss": round(loss / seen, 4) if seen else math.nan}
+        if c_seen:
+            out["clean_acc"] = round(100 * c_right / c_seen, 2)
+        if a_seen:
+            out["adv_acc"] = round(100 * a_right / a_seen, 2)
+        return out
+
+    def fit(self):
+        t = self.cfg.train
+        for epoch in range(self.start_epoch, t.epochs):
+            record = self.train_epoch(epoch)
+            self.log(record)
+            if self.progress:
+                print(" ".join(f"{k}={v}" for k, v in record.items()))
+            if (epoch + 1) % t.checkpoint_every == 0 or epoch + 1 == t.epochs:
+                self.save_epoch(epoch + 1)
+        atomic_save(model_checkpoint(self.model, self.meta(t.epochs)), self.out / "model.pt")
+        return self.model
+
+
+def train(cfg: Config, out: str | Path, resume: bool = False, overwrite: bool = False, progress: bool = True):
+    return Trainer(cfg, out, resume, overwrite, progress).fit()
