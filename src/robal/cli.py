@@ -53,7 +53,29 @@ def _add_eval(sub):
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--data-path", default=None, help="override data.path of the training config")
+    p.add_argument("--inference", default=None, metavar="YAML",
+                   help="replace the inference-time adjustments, e.g. \"[{name: tau_norm, tau: 1.0}]\"")
+    p.add_argument("--tau-p", type=float, default=None,
+                   help="boundary adjustment: set tau of the logit_adjust step (added if absent)")
     p.set_defaults(func=cmd_eval)
+
+
+def inference_overrides(spec_inference: list[dict], inference_yaml: str | None, tau_p: float | None) -> list[dict]:
+    """The adjustments to evaluate with: the checkpoint's own, replaced by --inference, then --tau-p applied."""
+    from .registry import ConfigError
+
+    inference = [dict(i) for i in spec_inference]
+    if inference_yaml is not None:
+        inference = yaml.safe_load(inference_yaml) or []
+        if not isinstance(inference, list):
+            raise ConfigError(f"--inference: expected a YAML list of adjustments, got {inference_yaml!r}")
+    if tau_p is not None:
+        steps = [i for i in inference if i.get("name") == "logit_adjust"]
+        if steps:
+            steps[-1]["tau"] = tau_p
+        else:
+            inference.append({"name": "logit_adjust", "tau": tau_p})
+    return inference
 
 
 def cmd_eval(args) -> int:
@@ -78,12 +100,15 @@ def cmd_eval(args) -> int:
         cfg.data.path = args.data_path
     device = resolve_device(args.device or cfg.device)
     model = load_model(path, device)
+    if args.inference is not None or args.tau_p is not None:
+        model.set_inference(inference_overrides(model.spec["inference"], args.inference, args.tau_p))
     data = prepare_data(cfg.data)
     eps = cfg.eval.eps if args.eps is None else args.eps
     batch = args.batch_size or cfg.eval.batch_size
     result = evaluate_model(model, data.x_test, data.y_test, attacks, eps, cfg.eval.step_size,
                             model.spec["class_counts"], batch, device, args.n_test, cfg.eval.seed)
     result.update({"checkpoint": str(path), "inference": model.spec["inference"],
+                   "inference_overridden": args.inference is not None or args.tau_p is not None,
                    "class_names": model.spec.get("class_names"), "train_logit_scale": meta.get("logit_scale")})
     print(format_table(result, model.spec.get("class_names")))
     out = Path(args.json) if args.json else (Path(args.target) if Path(args.target).is_dir() else path.parent) / "eval.json"
