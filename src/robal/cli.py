@@ -15,8 +15,11 @@ def _add_train(sub):
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.epochs=2 (repeatable)")
     p.add_argument("--out", help="run directory (required unless --dry-run)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last good checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument("--resume", nargs="?", const=True, default=False, choices=["auto"],
+                   help="continue the run in --out from its last good checkpoint (same config required); "
+                        "'--resume auto': continue it if there is one, else start it")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing run directory (with --resume: continue it with a changed config)")
     p.add_argument("--dry-run", action="store_true", help="validate, print the resolved config and class counts")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
@@ -70,11 +73,9 @@ def inference_overrides(spec_inference: list[dict], inference_yaml: str | None, 
         if not isinstance(inference, list):
             raise ConfigError(f"--inference: expected a YAML list of adjustments, got {inference_yaml!r}")
     if tau_p is not None:
-        steps = [i for i in inference if i.get("name") == "logit_adjust"]
-        if steps:
-            steps[-1]["tau"] = tau_p
-        else:
-            inference.append({"name": "logit_adjust", "tau": tau_p})
+        from .evaluate.tune import with_tau
+
+        inference = with_tau(inference, tau_p)
     return inference
 
 
@@ -118,6 +119,47 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _add_tune_tau(sub):
+    p = sub.add_parser("tune-tau", help="choose RoBal's tau_p on the run's held-out validation split")
+    p.add_argument("run", help="run directory trained with data.val_per_class > 0")
+    p.add_argument("--candidates", default="0,0.05,0.1,0.2,0.3,0.5,0.75,1.0,1.5,2.0",
+                   help="comma-separated tau_p values")
+    p.add_argument("--attack", default="pgd20", help="robust accuracy under this attack (default pgd20)")
+    p.add_argument("--criterion", default="mean", choices=["mean", "robust", "clean"],
+                   help="pick the tau_p maximising (clean + robust) / 2, robust or clean accuracy")
+    p.add_argument("--json", help="where to write the table (default: RUN/tune_tau.json)")
+    p.set_defaults(func=cmd_tune_tau)
+
+
+def cmd_tune_tau(args) -> int:
+    from .config import Config, from_dict
+    from .data import prepare_data
+    from .evaluate.tune import tune_tau
+    from .train.checkpoint import load_model, read_checkpoint, resolve_model_path
+    from .train.trainer import resolve_device
+
+    path = resolve_model_path(args.run)
+    cfg = from_dict(Config, read_checkpoint(path)["meta"]["config"])
+    device = resolve_device(cfg.device)
+    model = load_model(path, device)
+    data = prepare_data(cfg.data)
+    candidates = [float(c) for c in args.candidates.split(",")]
+    try:
+        result = tune_tau(model, data.x_val, data.y_val, candidates, args.attack, cfg.eval.eps,
+                          cfg.eval.step_size, cfg.eval.batch_size, device, args.criterion)
+    except ValueError as err:
+        raise SystemExit(f"robal tune-tau: {err}")
+    print(f"validation split: {result['n_val']} held-out training images; attack {args.attack}")
+    print(f"{'tau_p':>6} {'clean':>7} {args.attack:>7} {'score':>7}")
+    for row in result["candidates"]:
+        print(f"{row['tau_p']:>6.2f} {row['clean']:>7.2f} {row[args.attack]:>7.2f} {row['score']:>7.2f}")
+    print(f"best tau_p = {result['best_tau_p']} (criterion: {args.criterion}); evaluate with "
+          f"`robal eval {args.run} --tau-p {result['best_tau_p']}`")
+    out = Path(args.json) if args.json else path.parent / "tune_tau.json"
+    out.write_text(json.dumps(result, indent=1))
+    return 0
+
+
 def _add_demo(sub):
     p = sub.add_parser("demo", help="long-tailed digits: PGD-AT vs RoBal in about a minute on a CPU")
     p.add_argument("--out", default=None, help="keep the runs here (default: a temporary directory)")
@@ -135,7 +177,7 @@ def cmd_demo(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="robal", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_train, _add_eval, _add_demo):
+    for add in (_add_train, _add_eval, _add_tune_tau, _add_demo):
         add(sub)
     return parser
 
@@ -144,11 +186,12 @@ def main(argv: list[str] | None = None) -> int:
     from .data.sources import DataError
     from .registry import ConfigError
     from .train.checkpoint import CheckpointError
+    from .train.trainer import TrainingDiverged
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataError, CheckpointError, FileExistsError) as err:
+    except (ConfigError, DataError, CheckpointError, TrainingDiverged, FileExistsError, FileNotFoundError) as err:
         print(f"robal {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -74,6 +75,7 @@ class TrainConfig:
     amp: str = "auto"                    # auto (bf16 on CUDA, fp32 on CPU) | off | bf16
     channels_last: bool = True
     stats_every: int = 10                # clean batch accuracy measured every N batches (costs a forward)
+    skip_nonfinite: int = 0              # skip up to N batches with a non-finite loss (no step); stop beyond N
 
 
 @dataclass
@@ -110,8 +112,13 @@ def _parse_float(value, key):
             return float(num) / float(den)
         except (ValueError, ZeroDivisionError):
             pass
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{key}: expected a number (or a fraction like '8/255'), got {value!r}")
+    if isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{key}: expected a finite number (or a fraction like '8/255'), got {value!r}")
     return float(value)
 
 
@@ -183,9 +190,11 @@ def set_override(data: dict, assignment: str) -> None:
 
 
 def deep_merge(base: dict, update: dict) -> dict:
+    """Nested update; a `*_args` mapping belongs to one piece, so it replaces the base's instead of merging."""
     merged = dict(base)
     for k, v in update.items():
-        merged[k] = deep_merge(merged[k], v) if isinstance(v, dict) and isinstance(merged.get(k), dict) else v
+        nested = isinstance(v, dict) and isinstance(merged.get(k), dict) and not str(k).endswith("_args")
+        merged[k] = deep_merge(merged[k], v) if nested else v
     return merged
 
 
@@ -225,6 +234,16 @@ def _require(ok: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
+def _is_device(name: str) -> bool:
+    import torch
+
+    try:
+        torch.device(name)
+    except (RuntimeError, ValueError):
+        return False
+    return True
+
+
 def validate(cfg: Config, check_files: bool = True) -> None:
     from .attacks import ATTACK_LOSSES, EVAL_ATTACKS
     from .data import SUBSETS
@@ -262,6 +281,15 @@ def validate(cfg: Config, check_files: bool = True) -> None:
         _require(k in params, f"{SOURCES_ARGS_KEY}.{k}",
                  f"source '{d.source}' takes no argument '{k}'{did_you_mean(k, [p for p in params if p not in ('path', 'download')])}")
 
+    _require(cfg.device == "auto" or _is_device(cfg.device), "device",
+             f"must be auto, cpu, cuda, cuda:N or mps; got '{cfg.device}'")
+    # each name first under its own key, then its arguments
+    BACKBONES.get(m.backbone, "model.backbone")
+    HEADS.get(m.head, "model.head")
+    FRAMEWORKS.get(t.framework, "train.framework")
+    LOSSES.get(t.loss, "train.loss")
+    ATTACK_LOSSES.get(a.loss, "train.attack.loss")
+    WEIGHTINGS.get(t.weighting, "train.weighting")
     BACKBONES.check_args(m.backbone, m.backbone_args, "model.backbone_args")
     HEADS.check_args(m.head, m.head_args, "model.head_args", ("in_features", "num_classes", "class_counts"))
 
@@ -293,9 +321,11 @@ def validate(cfg: Config, check_files: bool = True) -> None:
     _require(t.keep_last >= 1, "train.keep_last", f"must be >= 1; got {t.keep_last}")
     _require(t.amp in ("auto", "off", "bf16"), "train.amp", f"must be auto, off or bf16; got '{t.amp}'")
     _require(t.stats_every >= 1, "train.stats_every", f"must be >= 1; got {t.stats_every}")
+    _require(t.skip_nonfinite >= 0, "train.skip_nonfinite", f"must be >= 0; got {t.skip_nonfinite}")
 
     build_adjustments(cfg.inference, [1] * 2)
     _require(e.eps >= 0, "eval.eps", f"must be >= 0; got {e.eps}")
+    _require(e.step_size >= 0, "eval.step_size", f"must be >= 0; got {e.step_size}")
     _require(e.batch_size >= 1, "eval.batch_size", f"must be >= 1; got {e.batch_size}")
     _require(e.n_test is None or e.n_test >= 1, "eval.n_test", f"must be >= 1; got {e.n_test}")
     for i, name in enumerate(e.attacks):

@@ -27,6 +27,15 @@ def class_groups(class_counts: list[int]) -> tuple[dict[str, list[int]], str]:
     return dict(zip(BANDS, thirds)), "thirds of the classes by training images"
 
 
+GRADIENT_ATTACKS = ("fgsm", "pgd20", "mim", "cw")
+
+
+def strongest(attacks: dict, names) -> str | None:
+    """The attack among `names` with the lowest accuracy in `attacks` (None when none of them ran)."""
+    ran = [n for n in names if n in attacks]
+    return min(ran, key=lambda n: attacks[n]["accuracy"]) if ran else None
+
+
 def standard_error(accuracy_pct: float, n: int) -> float:
     p = accuracy_pct / 100
     return float(100 * math.sqrt(max(p * (1 - p), 0) / n)) if n else float("nan")

@@ -45,6 +45,9 @@ def read_checkpoint(path: str | Path) -> dict:
     missing = [k for k in REQUIRED if k not in obj]
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}")
+    wrong = [k for k in ("spec", "state_dict", "meta") if not isinstance(obj[k], dict)]
+    if wrong:
+        raise CheckpointError(f"checkpoint {path}: {', '.join(wrong)} should be a mapping")
     return obj
 
 
@@ -120,6 +123,6 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
     try:
         model = build_model(ckpt["spec"])
         model.load_state_dict(ckpt["state_dict"])
-    except (KeyError, RuntimeError, TypeError, ValueError) as err:
+    except (AttributeError, KeyError, RuntimeError, TypeError, ValueError) as err:
         raise CheckpointError(f"checkpoint {path} does not match its model spec: {str(err)[:300]}") from None
     return model.to(device).eval()

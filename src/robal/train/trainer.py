@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import random
 import shutil
 import time
@@ -19,14 +20,14 @@ from ..data import DeviceLoader, prepare_data
 from ..losses import LOSSES
 from ..models import build_model
 from ..registry import ConfigError
-from .checkpoint import (atomic_save, latest_good_checkpoint, model_checkpoint, prune, read_checkpoint,
-                         rng_state, set_rng_state)
+from .checkpoint import (CheckpointError, atomic_save, checkpoint_paths, latest_good_checkpoint, model_checkpoint,
+                         prune, read_checkpoint, rng_state, set_rng_state)
 from .frameworks import FRAMEWORKS, TrainingAttack
 from .weighting import WEIGHTINGS
 
 
 class TrainingDiverged(RuntimeError):
-    pass
+    """Non-finite loss or weights; the message names the epoch and batch."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -60,13 +61,52 @@ def model_spec(cfg: Config, data) -> dict:
             "mean": data.mean, "std": data.std, "inference": [dict(i) for i in cfg.inference]}
 
 
-def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
-    if out.exists() and any(out.iterdir()) and not resume:
+def _flatten(d: dict, prefix: str = "") -> dict:
+    flat = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        flat.update(_flatten(v, key) if isinstance(v, dict) and v else {key: v})
+    return flat
+
+
+def config_differences(old: dict, new: dict) -> list[str]:
+    """`key.path: old -> new` for every value that differs (both taken as they read back from YAML)."""
+    old, new = _flatten(old), _flatten(yaml.safe_load(yaml.safe_dump(new)))
+    unset = "<unset>"
+    return [f"{k}: {old.get(k, unset)!r} -> {new.get(k, unset)!r}" for k in sorted(old.keys() | new.keys())
+            if old.get(k, unset) != new.get(k, unset)]
+
+
+def prepare_run_dir(out: Path, config: dict, resume: bool | str, overwrite: bool) -> bool:
+    """Check the run directory before anything is written there; True when the run in it is to be continued.
+
+    resume=False starts a new run (a non-empty `out` needs overwrite=True, and is deleted); resume=True continues
+    the run in `out`, which must exist; resume="auto" continues it if there is one, else starts a new one.
+    A run is continued only with the config it was started with, unless overwrite=True.
+    """
+    saved = out / "config.yaml"
+    if resume and saved.is_file():
+        try:
+            old = yaml.safe_load(saved.read_text())
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{saved} is not valid YAML ({err}); pass --overwrite to start the run again") from None
+        differences = config_differences(old if isinstance(old, dict) else {}, config)
+        if differences and not overwrite:
+            raise ConfigError(f"{out} was started with a different config ({'; '.join(differences)}); pass "
+                              f"--overwrite to continue it with the new config, or choose another --out")
+        if differences:
+            print(f"warning: continuing {out} with a changed config: {'; '.join(differences)}")
+        return True
+    if resume is True:
+        raise FileNotFoundError(f"nothing to resume: {out} holds no run (no config.yaml); leave out --resume "
+                                f"to start one")
+    if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise FileExistsError(f"run directory {out} already exists and is not empty; pass --resume to continue "
                                   f"it or --overwrite to replace it")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+    return False
 
 
 def init_from_checkpoint(model, path: str) -> None:
@@ -86,13 +126,13 @@ TRAINABLE = {
 
 
 class Trainer:
-    def __init__(self, cfg: Config, out: str | Path, resume: bool = False, overwrite: bool = False,
+    def __init__(self, cfg: Config, out: str | Path, resume: bool | str = False, overwrite: bool = False,
                  progress: bool = True):
         self.cfg, self.out, self.progress = cfg, Path(out), progress
         self.device = resolve_device(cfg.device)
-        prepare_run_dir(self.out, resume, overwrite)
         seed_everything(cfg.seed)
-        self.data = prepare_data(cfg.data)
+        self.data = prepare_data(cfg.data)  # bad data fails before the run directory is touched
+        resume = prepare_run_dir(self.out, cfg.to_dict(), resume, overwrite)
         t = cfg.train
         self.model = build_model(model_spec(cfg, self.data))
         if t.init_from:
@@ -116,26 +156,53 @@ class Trainer:
         self.loader = DeviceLoader(self.data.x_train, self.data.y_train, t.batch_size, self.device, t.sampler,
                                    cfg.data.crop_padding, cfg.data.flip, seed=cfg.seed, channels_last=t.channels_last)
         self.start_epoch = 0
+        self.skipped = 0  # non-finite batches skipped so far in this run (train.skip_nonfinite)
         if resume:
             self._resume()
-        (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        tmp = self.out / ".config.yaml.tmp"
+        tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        os.replace(tmp, self.out / "config.yaml")
 
     # ------------------------------------------------------------ state
 
     def _resume(self) -> None:
+        """Model, optimiser, epoch (hence lr schedule), RNG and sampler state from the newest good checkpoint."""
+        for stale in self.out.glob(".*.tmp*"):  # left behind by a run killed while writing
+            stale.unlink()
         found = latest_good_checkpoint(self.out)
         if found is None:
+            print(f"no checkpoint in {self.out} yet: starting the run from the beginning")
+        else:
+            path, ckpt = found
+            try:
+                self.model.load_state_dict(ckpt["state_dict"])
+                self.optimizer.load_state_dict(ckpt["optimizer"])
+                set_rng_state(ckpt["rng"], self.loader.generator)
+                self.start_epoch = int(ckpt["meta"]["epoch"])
+                self.skipped = int(ckpt["meta"].get("skipped", 0))
+            except (KeyError, RuntimeError, TypeError, ValueError) as err:
+                raise CheckpointError(f"checkpoint {path} cannot be resumed from ({type(err).__name__}: "
+                                      f"{str(err)[:300]})") from None
+            print(f"resuming from {path} (epoch {self.start_epoch} done)")
+        self._truncate_log(self.start_epoch)
+
+    def _truncate_log(self, epoch: int) -> None:
+        """Drop log records of epochs after `epoch` (and a line cut short by a kill): they are trained again."""
+        log = self.out / "log.jsonl"
+        if not log.is_file():
             return
-        path, ckpt = found
-        self.model.load_state_dict(ckpt["state_dict"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        set_rng_state(ckpt["rng"], self.loader.generator)
-        self.start_epoch = ckpt["meta"]["epoch"]
-        print(f"resuming from {path} (epoch {self.start_epoch} done)")
+        kept = []
+        for line in log.read_text().splitlines():
+            try:
+                if json.loads(line)["epoch"] <= epoch:
+                    kept.append(line + "\n")
+            except (ValueError, KeyError, TypeError):
+                pass
+        log.write_text("".join(kept))
 
     def meta(self, epoch: int) -> dict:
         return {"epoch": epoch, "config": self.cfg.to_dict(), "class_counts": self.data.class_counts,
-                "class_names": self.data.class_names, "logit_scale": self.logit_scale()}
+                "class_names": self.data.class_names, "logit_scale": self.logit_scale(), "skipped": self.skipped}
 
     def save_epoch(self, epoch: int) -> None:
         ckpt = model_checkpoint(self.model, self.meta(epoch))
@@ -174,13 +241,13 @@ class Trainer:
             self.model.backbone.eval()
         totals = torch.zeros(5, device=self.device)  # loss sum, clean right, clean seen, adv right, adv seen
         bar = tqdm(self.loader, desc=f"epoch {epoch + 1}/{t.epochs}", disable=not self.progress, leave=False)
-        start = time.perf_counter()
+        start, skipped_before = time.perf_counter(), self.skipped
         for step, (x, y) in enumerate(bar):
             with autocast_for(self.device, t.amp):
                 loss, z_clean, z_adv = self.framework(self.model, x, y, class_weight)
             if not torch.isfinite(loss):
-                raise TrainingDiverged(f"non-finite loss at epoch {epoch + 1}, batch {step + 1}; the last good "
-                                       f"checkpoint in {self.out} is kept")
+                self._skip_or_stop(epoch, step)
+                continue
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
@@ -188,11 +255,31 @@ class Trainer:
             if step % t.stats_every == 0 and self.progress:
                 bar.set_postfix(self._summary(totals), refresh=False)
         seconds = time.perf_counter() - start
-        if not all(torch.isfinite(p).all() for p in self.model.parameters()):
-            raise TrainingDiverged(f"non-finite weights after epoch {epoch + 1}; the last good checkpoint in "
-                                   f"{self.out} is kept")
-        return {"epoch": epoch + 1, "lr": lr, **self._summary(totals), "seconds": round(seconds, 2),
-                "images_per_s": round(len(self.loader.y) / seconds, 1)}
+        if not self._weights_finite():
+            raise TrainingDiverged(f"non-finite weights at epoch {epoch + 1}, batch {len(self.loader)} (its last); "
+                                   f"{self._kept()}")
+        return {"epoch": epoch + 1, "lr": lr, **self._summary(totals), "skipped": self.skipped - skipped_before,
+                "seconds": round(seconds, 2), "images_per_s": round(len(self.loader.y) / seconds, 1)}
+
+    def _kept(self) -> str:
+        saved = checkpoint_paths(self.out)
+        return f"the last good checkpoint, {saved[-1]}, is kept" if saved else "no checkpoint was written yet"
+
+    def _weights_finite(self) -> bool:
+        return all(torch.isfinite(p).all() for p in self.model.parameters())
+
+    def _skip_or_stop(self, epoch: int, step: int) -> None:
+        """A batch with a non-finite loss: skipped (no optimiser step) while train.skip_nonfinite allows."""
+        where = f"epoch {epoch + 1}, batch {step + 1}"
+        if not self._weights_finite():
+            raise TrainingDiverged(f"non-finite weights at {where}; {self._kept()}")
+        limit = self.cfg.train.skip_nonfinite
+        if self.skipped >= limit:
+            budget = (f"all {limit} skips allowed by train.skip_nonfinite used" if limit else
+                      "set train.skip_nonfinite to skip a few such batches")
+            raise TrainingDiverged(f"non-finite loss at {where} ({budget}); {self._kept()}")
+        self.skipped += 1
+        print(f"warning: non-finite loss at {where}: batch skipped ({self.skipped} of {limit} allowed)")
 
     def _batch_stats(self, loss, z_clean, z_adv, x, y, step):
         stats = torch.zeros(5, device=self.device)
@@ -232,5 +319,6 @@ class Trainer:
         return self.model
 
 
-def train(cfg: Config, out: str | Path, resume: bool = False, overwrite: bool = False, progress: bool = True):
+def train(cfg: Config, out: str | Path, resume: bool | str = False, overwrite: bool = False,
+          progress: bool = True):
     return Trainer(cfg, out, resume, overwrite, progress).fit()
