@@ -60,6 +60,11 @@ def _add_eval(sub):
                    help="replace the inference-time adjustments, e.g. \"[{name: tau_norm, tau: 1.0}]\"")
     p.add_argument("--tau-p", type=float, default=None,
                    help="boundary adjustment: set tau of the logit_adjust step (added if absent)")
+    p.add_argument("--checks", default="basic", choices=["none", "basic", "full"],
+                   help="reliability checks: basic (default; PGD steps/eps sanity, logit scale, zero gradients, "
+                        "PGD vs AutoAttack), full (adds a black-box Square attack), none")
+    p.add_argument("--checks-n", type=int, default=200,
+                   help="images in the fixed stratified test subset the checks attack (default 200)")
     p.set_defaults(func=cmd_eval)
 
 
@@ -85,6 +90,8 @@ def cmd_eval(args) -> int:
     from .config import Config, from_dict
     from .data import prepare_data
     from .evaluate.attacks import is_known_attack, known_attacks
+    from .evaluate.checks import format_checks, run_checks
+    from .evaluate.report import write_eval_outputs
     from .evaluate.runner import evaluate_model
     from .evaluate.table import format_table
     from .train.checkpoint import read_checkpoint, resolve_model_path, load_model
@@ -111,11 +118,33 @@ def cmd_eval(args) -> int:
     result.update({"checkpoint": str(path), "inference": model.spec["inference"],
                    "inference_overridden": args.inference is not None or args.tau_p is not None,
                    "class_names": model.spec.get("class_names"), "train_logit_scale": meta.get("logit_scale")})
+    if args.checks != "none":
+        print(f"running the {args.checks} reliability checks ({args.checks_n} images) ...")
+    result["checks"] = run_checks(model, data.x_test, data.y_test, result, args.checks, args.checks_n, batch, device)
+    result["checks_level"] = args.checks
     print(format_table(result, model.spec.get("class_names")))
+    print(format_checks(result["checks"]))
     out = Path(args.json) if args.json else (Path(args.target) if Path(args.target).is_dir() else path.parent) / "eval.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
-    print(f"wrote {out}")
+    written = write_eval_outputs(result, out)
+    print(f"wrote {out}, " + ", ".join(p.name for p in written))
+    return 0
+
+
+def _add_report(sub):
+    p = sub.add_parser("report", help="one table across evaluated runs (Clean, PGD-20, AA, gap, flags)")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (their eval.json) or eval JSON files")
+    p.add_argument("--out", help="write the table to this Markdown file, and a clean-vs-AA plot beside it (.png)")
+    p.set_defaults(func=cmd_report)
+
+
+def cmd_report(args) -> int:
+    from .evaluate.report import write_report
+
+    print(write_report(args.runs, args.out), end="")
+    if args.out:
+        print(f"wrote {args.out} and {Path(args.out).with_suffix('.png')}")
     return 0
 
 
@@ -160,6 +189,49 @@ def cmd_tune_tau(args) -> int:
     return 0
 
 
+def _add_adjust(sub):
+    p = sub.add_parser("adjust", help="write a checkpoint with new inference-time adjustments (post-hoc methods)")
+    p.add_argument("target", help="run directory or checkpoint (.pt), e.g. runs/cifar10_lt/pgd_at")
+    p.add_argument("--inference-file", required=True, metavar="YAML",
+                   help="YAML file holding an `inference:` list (or a bare list) that replaces the checkpoint's, "
+                        "e.g. configs/cifar10_lt/posthoc/tau_norm.yaml")
+    p.add_argument("--out", required=True, help="the new checkpoint (.pt)")
+    p.set_defaults(func=cmd_adjust)
+
+
+def read_inference_file(path) -> list[dict]:
+    """The `inference:` list of a YAML file; a file holding a bare list is taken as it is."""
+    from .registry import ConfigError
+
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"--inference-file {path}: cannot read it ({err})") from None
+    inference = data.get("inference") if isinstance(data, dict) else data
+    if not isinstance(inference, list):
+        raise ConfigError(f"--inference-file {path}: expected an `inference:` list of adjustments")
+    return inference
+
+
+def cmd_adjust(args) -> int:
+    """Same weights, new adjustments in the spec: `robal.load_model(OUT)` predicts with them. The meta keeps
+    the trained model's logit scale, so `robal eval`'s logit_scale check flags a post-hoc rescaling."""
+    from .train.checkpoint import atomic_save, load_model, model_checkpoint, read_checkpoint, resolve_model_path
+
+    path = resolve_model_path(args.target)
+    meta = dict(read_checkpoint(path)["meta"])
+    model = load_model(path)
+    model.set_inference(read_inference_file(args.inference_file))
+    meta["adjusted_from"] = str(path)
+    if isinstance(meta.get("config"), dict):
+        meta["config"] = {**meta["config"], "inference": model.spec["inference"]}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save(model_checkpoint(model, meta), out)
+    print(f"wrote {out}: {path} predicting with inference {model.spec['inference']}")
+    return 0
+
+
 def _add_demo(sub):
     p = sub.add_parser("demo", help="long-tailed digits: PGD-AT vs RoBal in about a minute on a CPU")
     p.add_argument("--out", default=None, help="keep the runs here (default: a temporary directory)")
@@ -177,7 +249,7 @@ def cmd_demo(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="robal", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_train, _add_eval, _add_tune_tau, _add_demo):
+    for add in (_add_train, _add_eval, _add_report, _add_tune_tau, _add_adjust, _add_demo):
         add(sub)
     return parser
 

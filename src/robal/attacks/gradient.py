@@ -16,8 +16,10 @@ ATTACK_LOSSES = Registry("attack loss")
 
 
 @ATTACK_LOSSES.register("ce")
-def ce_loss(logits, target):
-    return F.cross_entropy(logits.float(), target, reduction="none")
+def ce_loss(logits, target, s: float = 1.0):
+    """Cross-entropy of s * logits. A cosine head's training attack chooses s: 1 attacks the unscaled
+    cosines (RoBal), the loss's s attacks the scaled logits the model predicts with."""
+    return F.cross_entropy(s * logits.float(), target, reduction="none")
 
 
 @ATTACK_LOSSES.register("cw")

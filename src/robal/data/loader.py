@@ -19,12 +19,30 @@ def random_order(labels: torch.Tensor, generator: torch.Generator) -> torch.Tens
 def class_balanced_order(labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """As many draws as images; each draw picks a class uniformly, then an image of it (with replacement)."""
     counts = torch.bincount(labels)
-    present = torch.flatnonzero(counts)
+    present = counts.nonzero().flatten()
     by_class = torch.argsort(labels, stable=True)
     starts = torch.cumsum(counts, 0) - counts
     cls = present[torch.randint(len(present), (len(labels),), generator=generator)]
     offset = (torch.rand(len(labels), generator=generator) * counts[cls]).long()
     return by_class[starts[cls] + offset]
+
+
+@SAMPLERS.register("class_aware")
+def class_aware_order(labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """The class-aware sampler of Kang et al. and the RoBal reference code: max_c n_c * C draws per epoch,
+    in rounds that visit every class once in a fresh random order; each class cycles through fresh random
+    permutations of its images. (3.6x as many draws as images on CIFAR-10-LT rho 50.)"""
+    counts = torch.bincount(labels)
+    rounds = int(counts.max())
+    draws = []  # per present class: its next `rounds` images
+    for c in counts.nonzero().flatten().tolist():
+        members = (labels == c).nonzero().flatten()
+        cycles = -(-rounds // len(members))
+        draws.append(torch.cat([members[torch.randperm(len(members), generator=generator)]
+                                for _ in range(cycles)])[:rounds])
+    draws = torch.stack(draws)                                                    # (classes, rounds)
+    class_of_slot = torch.rand(rounds, len(draws), generator=generator).argsort(1)  # a class order per round
+    return draws[class_of_slot, torch.arange(rounds)[:, None]].flatten()
 
 
 def to_float(x_uint8: torch.Tensor) -> torch.Tensor:

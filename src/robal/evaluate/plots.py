@@ -62,8 +62,11 @@ def check_values(result: dict, name: str) -> dict | None:
 
 def steps_plot(result: dict, path: Path) -> Path | None:
     """Accuracy vs PGD steps (and vs eps) from the `more_steps` / `larger_eps` checks; None without them."""
-    panels = [(v, key) for v, key in ((check_values(result, "more_steps"), "steps"),
-                                      (check_values(result, "larger_eps"), "eps")) if v]
+    eps = check_values(result, "larger_eps")
+    large = check_values(result, "large_eps_to_zero")
+    if eps and large:  # the eps-0.5 point of large_eps_to_zero extends the eps curve
+        eps = {"eps": eps["eps"] + [large["eps"]], "accuracy": eps["accuracy"] + [large["accuracy"]]}
+    panels = [(v, key) for v, key in ((check_values(result, "more_steps"), "steps"), (eps, "eps")) if v]
     if not panels:
         return None
     fig, axes = new_figure(4.0 * len(panels), 3.2, len(panels))
@@ -74,6 +77,7 @@ def steps_plot(result: dict, path: Path) -> Path | None:
         ax.set_ylim(0, 100)
         if key == "steps":
             ax.set_xscale("log")
+            ax.minorticks_off()
             ax.set_xticks(values["steps"], [str(s) for s in values["steps"]])
     fig.suptitle("accuracy must not rise with more steps or a larger eps")
     fig.savefig(path, dpi=120)

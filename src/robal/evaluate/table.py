@@ -14,9 +14,11 @@ def format_table(result: dict, class_names: list[str] | None = None) -> str:
         rows.append(f"{label:<22}" + "".join(f"{v:>{width + 2}.2f}" for v in values))
 
     row("overall", [result["attacks"][a]["accuracy"] for a in attacks])
+    row("  +/- std error", [result["attacks"][a]["std_error"] for a in attacks])
     for group in ("many", "medium", "few"):
         row(group, [result["attacks"][a]["groups"][group] for a in attacks])
     row("worst class", [result["attacks"][a]["worst_class"]["accuracy"] for a in attacks])
+    row("boundary error", [result["attacks"][a]["boundary_error"] for a in attacks])
     rows.append("-" * len(head))
     for c in sorted(range(len(counts)), key=lambda k: -counts[k]):
         row(f"{names[c][:12]} (n={counts[c]})", [result["attacks"][a]["per_class"][c] for a in attacks])

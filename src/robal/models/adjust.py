@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+import torch.nn.functional as F
 
 from ..registry import ConfigError, Registry
 
@@ -62,17 +63,21 @@ class CDTPost(Adjustment):
 
 @ADJUSTMENTS.register("tau_norm")
 class TauNorm(Adjustment):
-    """tau-normalisation (Kang et al.): the classifier uses w_c / ||w_c||^tau (bias kept as it is)."""
+    """tau-normalisation (Kang et al.): z_c = <w_c / ||w_c||^tau, f> on a linear head's features.
 
-    def __init__(self, class_counts, tau: float = 1.0):
+    It recomputes the head's logits, so it comes first. The bias b_c is dropped, as in Kang et al.'s tau-norm
+    evaluation and the RoBal reference code (its PostNorm classifier); `keep_bias: true` adds it back.
+    """
+
+    def __init__(self, class_counts, tau: float = 1.0, keep_bias: bool = False):
         super().__init__()
-        self.tau = tau
+        self.tau, self.keep_bias = tau, keep_bias
 
     def forward(self, logits, features, head):
-        if not isinstance(getattr(head, "weight", None), torch.Tensor):
-            raise ConfigError("inference.tau_norm needs a head with a weight matrix")
-        bias = head.bias if getattr(head, "bias", None) is not None else 0.0
-        return (logits - bias) / head.weight.norm(dim=1) ** self.tau + bias
+        if not isinstance(head, nn.Linear) or hasattr(head, "class_scale"):
+            raise ConfigError("inference.tau_norm needs a linear head (linear or cdt: z_c = <w_c, f> + b_c)")
+        weight = head.weight / head.weight.norm(dim=1, keepdim=True) ** self.tau
+        return F.linear(features, weight, head.bias if self.keep_bias else None)
 
 
 @ADJUSTMENTS.register("tde")

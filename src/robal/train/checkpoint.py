@@ -37,9 +37,10 @@ def read_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated zip, pickle with forbidden globals, ...
+    except Exception as err:  # truncated zip, empty file, pickle with forbidden globals, ...
+        reason = str(err).strip().split("\n")[0][:200]
         raise CheckpointError(f"checkpoint {path} cannot be read (truncated, corrupt or not a robal "
-                              f"checkpoint): {type(err).__name__}: {str(err).splitlines()[0][:200]}") from None
+                              f"checkpoint): {type(err).__name__}: {reason}") from None
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path} is not a robal checkpoint (expected format '{FORMAT}')")
     missing = [k for k in REQUIRED if k not in obj]

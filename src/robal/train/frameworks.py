@@ -1,10 +1,12 @@
 """Adversarial training frameworks: how a batch becomes a loss.
 
 Each gets the outer (long-tailed) loss and the training attack; the attack maximises its own inner loss on
-the head's unscaled training logits, with BatchNorm in eval mode (as in the TRADES and RoBal reference code).
+the head's training logits (unscaled for a cosine head unless train.attack.loss_args sets s), with BatchNorm
+in eval mode (as in the TRADES and RoBal reference code).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from functools import partial
 
@@ -15,6 +17,19 @@ from ..attacks.gradient import ATTACK_LOSSES, pgd
 from ..registry import Registry
 
 FRAMEWORKS = Registry("framework")
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """The whole model in eval mode, then every module's own mode back: a frozen backbone (fine-tuning keeps
+    it in eval mode) stays frozen, where `model.train(was_training)` would switch its BatchNorm back on."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, mode in modes:
+            m.training = mode
 
 
 @dataclass
@@ -28,12 +43,9 @@ class TrainingAttack:
 
     def __call__(self, model, x, target):
         loss_fn = partial(ATTACK_LOSSES.get(self.loss, "train.attack.loss"), **(self.loss_args or {}))
-        was_training = model.training
-        model.eval()
-        x_adv = pgd(model.training_logits, x, target, self.eps, self.step_size, self.steps, loss_fn,
-                    self.random_start)
-        model.train(was_training)
-        return x_adv
+        with eval_mode(model):
+            return pgd(model.training_logits, x, target, self.eps, self.step_size, self.steps, loss_fn,
+                       self.random_start)
 
 
 def batch_kl(logits_adv, logits_nat):
@@ -88,12 +100,8 @@ class TRADES(Framework):
     def attack_target(self, model, x, y):
         if self.attack.loss != "kl":
             return y
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
-            probs = F.softmax(model.training_logits(x).float(), 1)
-        model.train(was_training)
-        return probs
+        with eval_mode(model), torch.no_grad():
+            return F.softmax(model.training_logits(x).float(), 1)
 
     def __call__(self, model, x, y, class_weight=None):
         x_adv = self.attack(model, x, self.attack_target(model, x, y))

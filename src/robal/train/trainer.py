@@ -15,14 +15,14 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from ..config import Config
+from ..config import Config, from_dict
 from ..data import DeviceLoader, prepare_data
 from ..losses import LOSSES
 from ..models import build_model
 from ..registry import ConfigError
 from .checkpoint import (CheckpointError, atomic_save, checkpoint_paths, latest_good_checkpoint, model_checkpoint,
                          prune, read_checkpoint, rng_state, set_rng_state)
-from .frameworks import FRAMEWORKS, TrainingAttack
+from .frameworks import FRAMEWORKS, TrainingAttack, eval_mode
 from .weighting import WEIGHTINGS
 
 
@@ -70,8 +70,12 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 def config_differences(old: dict, new: dict) -> list[str]:
-    """`key.path: old -> new` for every value that differs (both taken as they read back from YAML)."""
-    old, new = _flatten(old), _flatten(yaml.safe_load(yaml.safe_dump(new)))
+    """`key.path: old -> new` for every value that differs; options added since `old` was written take defaults."""
+    try:
+        old = from_dict(Config, old).to_dict()
+    except ConfigError:
+        pass  # it has an option removed since: compare as written
+    old, new = (_flatten(yaml.safe_load(yaml.safe_dump(d))) for d in (old, new))
     unset = "<unset>"
     return [f"{k}: {old.get(k, unset)!r} -> {new.get(k, unset)!r}" for k in sorted(old.keys() | new.keys())
             if old.get(k, unset) != new.get(k, unset)]
@@ -214,12 +218,8 @@ class Trainer:
     @torch.no_grad()
     def logit_scale(self) -> float:
         """Mean std of the predicted logits over up to 256 training images: the scale attacks see."""
-        was_training = self.model.training
-        self.model.eval()
-        x = self.loader.x[:256].float().div(255)
-        scale = self.model(x).float().std(1).mean().item()
-        self.model.train(was_training)
-        return scale
+        with eval_mode(self.model):
+            return self.model(self.loader.x[:256].float().div(255)).float().std(1).mean().item()
 
     def log(self, record: dict) -> None:
         with open(self.out / "log.jsonl", "a") as f:
@@ -285,10 +285,8 @@ class Trainer:
         stats = torch.zeros(5, device=self.device)
         stats[0] = loss.detach() * len(y)
         if z_clean is None and step % self.cfg.train.stats_every == 0:
-            self.model.eval()
-            with torch.no_grad():
+            with eval_mode(self.model), torch.no_grad():
                 z_clean = self.model.training_logits(x)
-            self.model.train()
         if z_clean is not None:
             stats[1], stats[2] = (z_clean.argmax(1) == y).sum(), len(y)
         if z_adv is not None:

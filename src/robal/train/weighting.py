@@ -1,4 +1,4 @@
-"""Per-class loss weights by epoch. `effective_number` with start_epoch > 0 is deferred re-weighting (DRW)."""
+"""Per-class loss weights by epoch. `effective_number` with start_epoch > 1 is deferred re-weighting (DRW)."""
 from __future__ import annotations
 
 import torch
@@ -21,6 +21,11 @@ def no_weighting(class_counts, epoch: int):
 
 
 @WEIGHTINGS.register("effective_number")
-def effective_number(class_counts, epoch: int, beta: float = 0.9999, start_epoch: int = 0):
-    """From `start_epoch` (0-based) on, weight each class by its effective number; before it, no weights."""
-    return effective_number_weights(class_counts, beta) if epoch >= start_epoch else None
+def effective_number(class_counts, epoch: int, beta: float = 0.9999, start_epoch: int = 1):
+    """Weight each class by its effective number from epoch `start_epoch` on, no weights before it.
+
+    `start_epoch` counts from 1 like train.lr_milestones, so DRW (deferred re-weighting, Cao et al.) starting
+    with the first lr decay uses the same number: milestones [15, 18] -> start_epoch 15. The trainer passes
+    the 0-based `epoch`. start_epoch 1 (or 0) weights the whole run.
+    """
+    return effective_number_weights(class_counts, beta) if epoch + 1 >= start_epoch else None

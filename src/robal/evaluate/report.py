@@ -1,0 +1,138 @@
+"""Markdown outputs: one evaluation (`eval.md` beside `eval.json`) and `robal report`, a table across runs.
+
+The report follows the paper's Table 1: method, Clean, PGD(-20), AA, gap = Clean - AA, and the flags (checks
+that did not pass), with the standard error beside each accuracy and the AutoAttack version named.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from .attacks import is_autoattack
+from .metrics import strongest
+from .plots import report_plot, write_eval_plots
+
+AA_DESCRIPTION = {"aa": "standard AutoAttack (APGD-CE, APGD-T, FAB-T, Square)", "aa-paper": "APGD-CE + APGD-T"}
+DASH = "—"
+
+
+def md_table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def f2(value) -> str:
+    return DASH if value is None or not np.isfinite(value) else f"{value:.2f}"
+
+
+def with_se(acc: float | None, se: float | None) -> str:
+    return DASH if acc is None else f"{acc:.2f} ± {se:.2f}"
+
+
+# ---------------------------------------------------------------- one evaluation
+
+def eval_markdown(result: dict, plots: dict[str, Path] | None = None) -> str:
+    attacks = result["attacks"]
+    counts = result["class_counts"]
+    names = result.get("class_names") or [str(c) for c in range(len(counts))]
+    aa_notes = [f"`{a}` = {AA_DESCRIPTION.get(a, a.removeprefix('aa:').replace('+', ' + '))}"
+                for a in attacks if is_autoattack(a)]
+    inference = [i.get("name") for i in result.get("inference") or []]
+    lines = [f"# Evaluation of `{result.get('checkpoint', '?')}`", "",
+             f"- L-inf eps {result['eps']:.4g}, PGD step {result['step_size']:.4g}; {result['n_test']} test images "
+             f"(seed {result.get('test_indices_seed', 0)}); inference adjustments: {', '.join(inference) or 'none'}"
+             + (" (overridden at evaluation)" if result.get("inference_overridden") else ""),
+             f"- groups: {result['groups_rule']}"]
+    if aa_notes:
+        lines.append("- AutoAttack: " + "; ".join(aa_notes))
+    lines += ["", "## Accuracy (%)", "", md_table(
+        ["Attack", "Accuracy", "Many", "Medium", "Few", "Worst class", "Natural error", "Boundary error", "Seconds"],
+        [[a, with_se(m["accuracy"], m["std_error"]), *(f2(m["groups"][g]) for g in ("many", "medium", "few")),
+          f"{f2(m['worst_class']['accuracy'])} ({names[m['worst_class']['class']]})", f2(m["natural_error"]),
+          f2(m["boundary_error"]), result.get("seconds", {}).get(a, DASH)] for a, m in attacks.items()])]
+    hardest = strongest(attacks, [a for a in attacks if a != "clean"])
+    order = sorted(range(len(counts)), key=lambda c: -counts[c])
+    header = ["Class", "Train images", *attacks] + ([f"Boundary error ({hardest})"] if hardest else [])
+    rows = [[names[c], counts[c], *(f2(m["per_class"][c]) for m in attacks.values())]
+            + ([f2(attacks[hardest]["per_class_boundary_error"][c])] if hardest else []) for c in order]
+    lines += ["", "## Per class (%), most to fewest training images", "", md_table(header, rows)]
+    lines += ["", f"## Reliability checks ({result.get('checks_level', 'basic')})", ""]
+    checks = result.get("checks") or []
+    lines.append(md_table(["Check", "Status", "Detail"], [[c["name"], c["status"].upper(), c["detail"]]
+                                                         for c in checks]) if checks else "No checks were run.")
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{k}]({Path(p).name})" for k, p in plots.items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_eval_outputs(result: dict, json_path: Path) -> list[Path]:
+    """eval.md and the PNG plots beside the evaluation JSON (named after its stem)."""
+    json_path = Path(json_path)
+    plots = write_eval_plots(result, json_path.parent, json_path.stem)
+    md = json_path.with_suffix(".md")
+    md.write_text(eval_markdown(result, plots))
+    return [md, *plots.values()]
+
+
+# ---------------------------------------------------------------- across runs
+
+def eval_json_path(run: str | Path) -> Path:
+    run = Path(run)
+    path = run / "eval.json" if run.is_dir() else run
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist (run `robal eval {run}` first)")
+    return path
+
+
+def method_name(result: dict, run_dir: Path) -> str:
+    """The run's config name (else its folder), plus any inference adjustments set at evaluation."""
+    config = run_dir / "config.yaml"
+    name = (yaml.safe_load(config.read_text()) or {}).get("name") if config.is_file() else None
+    name = name or run_dir.name
+    if result.get("inference_overridden"):
+        name += " + " + (", ".join(i.get("name", "?") for i in result.get("inference") or []) or "no adjustment")
+    return name
+
+
+def report_row(run: str | Path) -> dict:
+    path = eval_json_path(run)
+    result = json.loads(path.read_text())
+    attacks = result["attacks"]
+    aa = strongest(attacks, [a for a in attacks if is_autoattack(a)])
+
+    def acc(name):
+        return (attacks[name]["accuracy"], attacks[name]["std_error"]) if name in attacks else (None, None)
+
+    (clean, clean_se), (pgd, pgd_se), (aa_acc, aa_se) = acc("clean"), acc("pgd20"), acc(aa)
+    checks = result.get("checks") or []
+    flags = [f"{c['name']} ({c['status']})" for c in checks if c["status"] != "pass"]
+    return {"method": method_name(result, path.parent), "run": str(path), "n_test": result["n_test"],
+            "clean": clean, "clean_se": clean_se, "pgd": pgd, "pgd_se": pgd_se, "aa": aa_acc, "aa_se": aa_se,
+            "aa_version": aa, "gap": None if clean is None or aa_acc is None else clean - aa_acc,
+            "flags": flags if checks else ["unchecked"]}
+
+
+def report_markdown(rows: list[dict]) -> str:
+    table = md_table(["Method", "Clean", "PGD-20", "AA", "Gap", "Flags", "AA version", "n_test", "Run"],
+                     [[r["method"], with_se(r["clean"], r["clean_se"]), with_se(r["pgd"], r["pgd_se"]),
+                       with_se(r["aa"], r["aa_se"]), f2(r["gap"]), ", ".join(r["flags"]) or "none",
+                       r["aa_version"] or DASH, r["n_test"], f"`{r['run']}`"] for r in rows])
+    notes = [f"`{k}` = {v}" for k, v in AA_DESCRIPTION.items() if any(r["aa_version"] == k for r in rows)]
+    return ("Accuracy (%) ± standard error; Gap = Clean - AA; Flags = reliability checks that did not pass."
+            + (" AA: " + "; ".join(notes) + "." if notes else "") + "\n\n" + table + "\n")
+
+
+def write_report(runs: list[str | Path], out: str | Path | None = None) -> str:
+    """The report's Markdown; with `out`, also written there, with the plot beside it (same stem, .png)."""
+    rows = [report_row(r) for r in runs]
+    text = report_markdown(rows)
+    if out is not None:
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+        report_plot(rows, out.with_suffix(".png"))
+    return text
