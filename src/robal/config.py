@@ -69,6 +69,7 @@ class TrainConfig:
     lr_milestones: list[int] = field(default_factory=lambda: [15, 18])
     lr_gamma: float = 0.1
     init_from: str | None = None         # start from this checkpoint (fine-tuning)
+    reset_head: bool = False             # with init_from: keep the head freshly initialised (cRT)
     trainable: str = "all"               # all | head | class_scale
     checkpoint_every: int = 5
     keep_last: int = 2
@@ -313,6 +314,7 @@ def validate(cfg: Config, check_files: bool = True) -> None:
     _require(list(t.lr_milestones) == sorted(t.lr_milestones), "train.lr_milestones", "must be increasing")
     _require(t.trainable in ("all", "head", "class_scale"), "train.trainable",
              f"must be all, head or class_scale; got '{t.trainable}'")
+    _require(not t.reset_head or t.init_from is not None, "train.reset_head", "needs train.init_from")
     _require(t.trainable == "all" or t.init_from is not None, "train.trainable",
              "freezing the backbone needs train.init_from (a trained checkpoint)")
     if check_files and t.init_from is not None:

@@ -113,11 +113,14 @@ def prepare_run_dir(out: Path, config: dict, resume: bool | str, overwrite: bool
     return False
 
 
-def init_from_checkpoint(model, path: str) -> None:
-    """Fine-tuning start: copy every matching tensor (an LWS head takes a linear head's weight and bias)."""
+def init_from_checkpoint(model, path: str, reset_head: bool = False) -> None:
+    """Fine-tuning start: copy every matching tensor (an LWS head takes a linear head's weight and bias);
+    with reset_head the head keeps its fresh initialisation (classifier re-training, cRT)."""
     state = read_checkpoint(path)["state_dict"]
+    if reset_head:
+        state = {k: v for k, v in state.items() if not k.startswith("head.")}
     missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or any(not k.endswith("class_scale") for k in missing):
+    if unexpected or any(not (k.endswith("class_scale") or (reset_head and k.startswith("head."))) for k in missing):
         raise ConfigError(f"train.init_from: {path} does not fit this model (missing {missing}, "
                           f"unexpected {unexpected})")
 
@@ -140,7 +143,7 @@ class Trainer:
         t = cfg.train
         self.model = build_model(model_spec(cfg, self.data))
         if t.init_from:
-            init_from_checkpoint(self.model, t.init_from)
+            init_from_checkpoint(self.model, t.init_from, t.reset_head)
         self.model.to(self.device)
         if t.channels_last:
             self.model.to(memory_format=torch.channels_last)
