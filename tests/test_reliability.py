@@ -57,6 +57,15 @@ def log_epochs(run):
     return [json.loads(line)["epoch"] for line in (run / "log.jsonl").read_text().splitlines()]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: a second thread only adds synchronisation, and on a busy CPU makes them ~10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """A finished one-epoch run directory (do not modify: copy it)."""

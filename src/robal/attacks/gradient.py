@@ -47,13 +47,19 @@ def pgd(forward: Callable, x: torch.Tensor, target: torch.Tensor, eps: float, st
     """Projected gradient ascent of `loss_fn` in the L-inf eps-ball (momentum > 0 gives MIM).
 
     With several restarts each sample keeps the restart with the highest final loss. No host syncs inside.
+    eps and step_size may be tensors broadcasting against x, e.g. (N, 1, 1, 1): one radius per image.
     """
     x = x.detach()
-    if eps == 0 or steps == 0:
+    if steps == 0 or (not torch.is_tensor(eps) and eps == 0):
         return x.clone()
     best, best_loss = x.clone(), None
     for _ in range(restarts):
-        x_adv = x + torch.empty_like(x).uniform_(-eps, eps) if random_start else x.clone()
+        if not random_start:
+            x_adv = x.clone()
+        elif torch.is_tensor(eps):  # per-image radii
+            x_adv = x + (torch.rand_like(x) * 2 - 1) * eps
+        else:
+            x_adv = x + torch.empty_like(x).uniform_(-eps, eps)
         x_adv = project(x_adv, x, eps)
         grad_avg = torch.zeros_like(x) if momentum > 0 else None
         for _ in range(steps):

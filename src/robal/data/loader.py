@@ -5,6 +5,7 @@ import numpy as np
 import torch
 
 from ..registry import Registry
+from .augment import build_augment
 
 SAMPLERS = Registry("sampler")
 
@@ -75,7 +76,8 @@ class DeviceLoader:
 
     def __init__(self, x: np.ndarray, y: np.ndarray, batch_size: int, device: torch.device | str = "cpu",
                  sampler: str = "random", crop_padding: int = 0, flip: bool = False, seed: int = 0,
-                 channels_last: bool = False, shard: tuple[int, int] = (0, 1)):
+                 channels_last: bool = False, shard: tuple[int, int] = (0, 1), augment: str = "crop_flip",
+                 augment_args: dict | None = None):
         self.x = torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).contiguous().to(device)
         self.y = torch.as_tensor(y, dtype=torch.long).to(device)
         self.labels_cpu = torch.as_tensor(y, dtype=torch.long)
@@ -85,6 +87,7 @@ class DeviceLoader:
         self.channels_last = channels_last
         self.rank, self.world = shard
         self.generator = torch.Generator().manual_seed(seed)
+        self.augment = build_augment(augment, augment_args)  # data.augment: None for crop_flip (no extra draws)
 
     def __len__(self) -> int:
         return -(-len(self.y) // self.batch_size)
@@ -97,8 +100,10 @@ class DeviceLoader:
         for start in range(0, len(order), self.batch_size):
             idx = order[start:start + self.batch_size]
             # each rank takes its slice of the global batch; augmentation draws stay global and identical
-            x = random_crop_flip(to_float(self.x[idx.to(self.x.device)]), self.crop_padding, self.flip,
-                                 self.generator)
+            x = to_float(self.x[idx.to(self.x.device)])
+            if self.augment is not None:  # strong augmentation first, then crop and flip (AT-BSL's order)
+                x = self.augment(x, self.generator)
+            x = random_crop_flip(x, self.crop_padding, self.flip, self.generator)
             y = self.y[idx.to(self.y.device)]
             if self.world > 1:
                 x, y = x[self.rank::self.world], y[self.rank::self.world]

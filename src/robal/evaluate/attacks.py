@@ -37,7 +37,7 @@ def known_attacks() -> list[str]:
     return ["clean", *EVAL_ATTACKS.names(), *AA_VERSIONS, "aa:<" + "|".join(AA_ATTACKS) + ">+..."]
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def predict(model, x: torch.Tensor, batch_size: int, device) -> torch.Tensor:
     return torch.cat([model(x[i:i + batch_size].to(device)).argmax(1).cpu() for i in range(0, len(x), batch_size)])
 
@@ -48,7 +48,7 @@ def gradient_attack_predictions(name, model, x, y, eps, step_size, batch_size, d
     for i in range(0, len(x), batch_size):
         xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
         x_adv = attack(model, xb, yb, eps, step_size)
-        with torch.no_grad():
+        with torch.inference_mode():
             preds.append(model(x_adv).argmax(1).cpu())
     return torch.cat(preds)
 

@@ -69,7 +69,7 @@ class CheckContext:
             right = []
             for xb, yb in self.batches():
                 x_adv = attack(xb, yb)
-                with torch.no_grad():
+                with torch.inference_mode():
                     right.append((self.model(x_adv).argmax(1) == yb).cpu())
             self.cache[key] = torch.cat(right).numpy()
         return self.cache[key]

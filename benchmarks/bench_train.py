@@ -1,0 +1,158 @@
+"""Images/second of one PGD-5 AT step and one TRADES step: robal's Trainer, a reference loop, the kernel bound.
+
+  robal         the real `Trainer.train_epoch` (DeviceLoader sampling/crop/flip on the device, the framework,
+                the training attack, optimiser step, batch statistics) on the CPU reference setting's config
+                (configs/cifar10_lt/pgd_at.yaml, trades.yaml: batch 128, channels_last, amp auto = fp32 on CPU,
+                bf16 on CUDA), its epoch cut to a few batches
+  reference     what the field's reference code does: DataLoader over a Dataset with per-sample numpy crop/flip,
+                num_workers=0, fp32 NCHW, batch 64, the attack written step by step (Madry: loss.backward() on
+                x_adv; TRADES: the authors' trades_loss)
+  kernel-bound  the passes alone on pre-made tensors in robal's format and batch: PGD-5 AT = 5 input-gradient
+                forward/backward passes in eval mode + 1 training forward/backward + the optimiser step
+                (TRADES adds the clean eval forward for the KL target and the second training forward)
+
+Usage:  python benchmarks/bench_train.py [--backbone preact_resnet18|resnet18] [--iters N] [--device cpu|cuda]
+                                         [--quick] [--bf16]
+The last line reads `robal/reference = R.RR, robal/kernel-bound = K.KK` for the PGD-5 AT step of the backbone
+(default: the CPU reference backbone, PreAct-ResNet-18 width 16); kernel-bound = kernel-only time / robal time.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (DEFAULT_WIDTH, EPS, STEP, data_file, interleaved, machine, parse_args, reference_loader,  # noqa: E402
+                    reference_model, reference_pgd_at_step, reference_trades_step, report, robal_config, tmpdir)
+
+
+def robal_contender(config_name: str, data_path: Path, args, out: Path, batches: int, overrides=()):
+    """robal's own Trainer; each call runs `train_epoch` over the first `batches` batches of a fresh epoch order."""
+    from robal.train.trainer import Trainer
+
+    trainer = Trainer(robal_config(config_name, data_path, args, overrides), out, overwrite=True, progress=False)
+    loader = trainer.loader
+    n = min(batches * loader.batch_size, len(loader.y))
+    full_order = loader.epoch_order
+    loader.epoch_order = lambda: full_order()[:n]
+
+    def run() -> int:
+        trainer.train_epoch(0)
+        return n
+
+    return trainer, run
+
+
+def reference_contender(trainer, framework: str, images: int, device, batch_size: int = 64):
+    model = reference_model(trainer.model, device)
+    t = trainer.cfg.train
+    optimizer = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    batches = reference_loader(trainer.data.x_train, trainer.data.y_train, train=True, batch_size=batch_size)
+    step = reference_pgd_at_step if framework == "pgd_at" else reference_trades_step
+    n = max(1, images // batch_size)
+
+    def run() -> int:
+        for _ in range(n):
+            x, y = batches.next()
+            x, y = x.to(device), y.to(device)
+            step(model, optimizer, x, y).item()  # the reference loops log the loss every batch
+        return n * batch_size
+
+    return run
+
+
+def kernel_contender(trainer, framework: str, batches: int, device):
+    """The forward/backward passes and the optimiser step alone, in robal's memory format, batch and precision."""
+    from robal.train.trainer import autocast_for
+
+    t = trainer.cfg.train
+    model = copy.deepcopy(trainer.model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    fmt = torch.channels_last if t.channels_last else torch.contiguous_format
+    bs = trainer.loader.batch_size
+    x = torch.rand(bs, 3, 32, 32, device=device).contiguous(memory_format=fmt)
+    x_adv = torch.rand(bs, 3, 32, 32, device=device).contiguous(memory_format=fmt)
+    x_leaf = x.clone().requires_grad_(True)
+    y = torch.randint(10, (bs,), device=device)
+    steps = t.attack.steps
+
+    def pgd_at():
+        with autocast_for(trainer.device, t.amp):
+            model.eval()
+            for _ in range(steps):
+                torch.autograd.grad(F.cross_entropy(model.training_logits(x_leaf).float(), y), x_leaf)
+            model.train()
+            loss = F.cross_entropy(model.training_logits(x_adv).float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    def trades():
+        with autocast_for(trainer.device, t.amp):
+            model.eval()
+            with torch.no_grad():
+                p_nat = F.softmax(model.training_logits(x).float(), 1)
+            for _ in range(steps):
+                z = model.training_logits(x_leaf).float()
+                torch.autograd.grad(F.kl_div(F.log_softmax(z, 1), p_nat, reduction="sum"), x_leaf)
+            model.train()
+            z_nat, z_adv = model.training_logits(x).float(), model.training_logits(x_adv).float()
+            loss = F.cross_entropy(z_nat, y) + 6.0 * F.kl_div(F.log_softmax(z_adv, 1), F.softmax(z_nat, 1),
+                                                               reduction="batchmean")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    one = pgd_at if framework == "pgd_at" else trades
+
+    def run() -> int:
+        for _ in range(batches):
+            one()
+        return batches * bs
+
+    return run
+
+
+def main():
+    args = parse_args(__doc__.split("\n")[0], default_iters={"preact_resnet18": 7, "resnet18": 2},
+                      extra=lambda p: p.add_argument("--bf16", action="store_true",
+                                                     help="also time robal with train.amp=bf16 (CPU: off by default)"))
+    batches = 1 if args.quick or args.backbone == "resnet18" else 2
+    print(f"machine: {machine(args.device)}; 1-min load avg at start {os.getloadavg()[0]:.2f}")
+    results = {}
+    with tmpdir() as tmp:
+        tmp = Path(tmp)
+        data_path, data_desc = data_file(tmp)
+        print(f"data: {data_desc}, CIFAR-10-LT rho 50")
+        for framework, config in (("pgd_at", "pgd_at.yaml"), ("trades", "trades.yaml")):
+            trainer, robal = robal_contender(config, data_path, args, tmp / f"run_{framework}", batches)
+            images = batches * trainer.loader.batch_size
+            contenders = {"robal": robal,
+                          "reference": reference_contender(trainer, framework, images, args.device),
+                          "kernel-bound": kernel_contender(trainer, framework, batches, args.device)}
+            if args.bf16:
+                _, contenders["robal, train.amp=bf16"] = robal_contender(
+                    config, data_path, args, tmp / f"run_{framework}_bf16", batches, ["train.amp=bf16"])
+            for run in contenders.values():  # warm-up (allocator, oneDNN primitive caches, autocast)
+                run()
+            t = trainer.cfg.train
+            n_params = sum(p.numel() for p in trainer.model.parameters())
+            title = (f"{framework} step ({'PGD' if framework == 'pgd_at' else 'KL'}-{t.attack.steps} attack, eps 8/255, "
+                     f"step 2/255), {args.backbone} width {args.width} ({n_params / 1e6:.2f}M params), "
+                     f"{args.device.type}; robal: batch {t.batch_size}, channels_last={t.channels_last}, "
+                     f"amp={t.amp}; reference: batch 64, fp32 NCHW; {images} images per round")
+            ips, loads = interleaved(contenders, args.iters, args.device)
+            results[framework] = report(title, ips, loads)
+    r_ref, r_ker = results["pgd_at"]
+    if args.backbone != "preact_resnet18" or args.width != DEFAULT_WIDTH["preact_resnet18"]:
+        print(f"(the line below is for {args.backbone} width {args.width}, not the CPU reference backbone)")
+    print(f"robal/reference = {r_ref:.2f}, robal/kernel-bound = {r_ker:.2f}")
+
+
+if __name__ == "__main__":
+    main()
