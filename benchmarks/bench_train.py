@@ -3,7 +3,8 @@
   robal         the real `Trainer.train_epoch` (DeviceLoader sampling/crop/flip on the device, the framework,
                 the training attack, optimiser step, batch statistics) on the CPU reference setting's config
                 (configs/cifar10_lt/pgd_at.yaml, trades.yaml: batch 128, channels_last, amp auto = fp32 on CPU,
-                bf16 on CUDA), its epoch cut to a few batches
+                bf16 on CUDA); one epoch, cut to (iters + 1) chunks, timed chunk by chunk with the other
+                contenders run between chunks (see timed_epoch)
   reference     what the field's reference code does: DataLoader over a Dataset with per-sample numpy crop/flip,
                 num_workers=0, fp32 NCHW, batch 64, the attack written step by step (Madry: loss.backward() on
                 x_adv; TRADES: the authors' trades_loss)
@@ -12,7 +13,7 @@
                 (TRADES adds the clean eval forward for the KL target and the second training forward)
 
 Usage:  python benchmarks/bench_train.py [--backbone preact_resnet18|resnet18] [--iters N] [--device cpu|cuda]
-                                         [--quick] [--bf16]
+                                         [--quick] [--set train.amp=bf16 ...]
 The last line reads `robal/reference = R.RR, robal/kernel-bound = K.KK` for the PGD-5 AT step of the backbone
 (default: the CPU reference backbone, PreAct-ResNet-18 width 16); kernel-bound = kernel-only time / robal time.
 """
@@ -21,31 +22,70 @@ from __future__ import annotations
 import copy
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (DEFAULT_WIDTH, EPS, STEP, data_file, interleaved, machine, parse_args, reference_loader,  # noqa: E402
-                    reference_model, reference_pgd_at_step, reference_trades_step, report, robal_config, tmpdir)
+from common import (DEFAULT_WIDTH, data_file, machine, parse_args, reference_loader, reference_model,  # noqa: E402
+                    reference_pgd_at_step, reference_trades_step, report, robal_config, sync, tmpdir)
 
 
-def robal_contender(config_name: str, data_path: Path, args, out: Path, batches: int, overrides=()):
-    """robal's own Trainer; each call runs `train_epoch` over the first `batches` batches of a fresh epoch order."""
+def robal_trainer(config_name: str, data_path: Path, args, out: Path):
     from robal.train.trainer import Trainer
 
-    trainer = Trainer(robal_config(config_name, data_path, args, overrides), out, overwrite=True, progress=False)
-    loader = trainer.loader
-    n = min(batches * loader.batch_size, len(loader.y))
-    full_order = loader.epoch_order
-    loader.epoch_order = lambda: full_order()[:n]
+    return Trainer(robal_config(config_name, data_path, args, args.set), out, overwrite=True, progress=False)
 
-    def run() -> int:
+
+def timed_epoch(trainer, batches: int, rounds: int, others: dict, device) -> tuple[dict, list[float]]:
+    """Times robal inside one real `Trainer.train_epoch` (so its step counter, batch statistics every
+    train.stats_every batches and loader state run as in training): the epoch is cut to (rounds + 1) chunks of
+    `batches` batches, and after each chunk the other contenders run once (rotating order), outside robal's
+    timing. The first chunk is a warm-up for everyone. Returns images/s per round and the load per round."""
+    inner = trainer.loader
+    full_order = inner.epoch_order
+    inner.epoch_order = lambda: full_order()[:(rounds + 1) * batches * inner.batch_size]
+    names = list(others)
+    ips, loads = {"robal": [], **{n: [] for n in names}}, []
+
+    class Chunked:
+        def __getattr__(self, attr):
+            return getattr(inner, attr)
+
+        def __len__(self):
+            return len(inner)
+
+        def __iter__(self):
+            it = iter(inner)
+            for r in range(-1, rounds):
+                sync(device)
+                start, images = time.perf_counter(), 0
+                for _ in range(batches):
+                    x, y = next(it)
+                    images += len(y)
+                    yield x, y  # the trainer's step on this batch runs before the generator resumes
+                sync(device)
+                seconds = time.perf_counter() - start
+                order = names[r % len(names):] + names[:r % len(names)] if r >= 0 else names
+                for name in order:
+                    sync(device)
+                    t = time.perf_counter()
+                    n = others[name]()
+                    sync(device)
+                    if r >= 0:
+                        ips[name].append(n / (time.perf_counter() - t))
+                if r >= 0:
+                    ips["robal"].append(images / seconds)
+                    loads.append(os.getloadavg()[0])
+
+    trainer.loader = Chunked()
+    try:
         trainer.train_epoch(0)
-        return n
-
-    return trainer, run
+    finally:
+        trainer.loader, inner.epoch_order = inner, full_order
+    return ips, loads
 
 
 def reference_contender(trainer, framework: str, images: int, device, batch_size: int = 64):
@@ -119,38 +159,36 @@ def kernel_contender(trainer, framework: str, batches: int, device):
 
 
 def main():
-    args = parse_args(__doc__.split("\n")[0], default_iters={"preact_resnet18": 7, "resnet18": 2},
-                      extra=lambda p: p.add_argument("--bf16", action="store_true",
-                                                     help="also time robal with train.amp=bf16 (CPU: off by default)"))
+    def extra(p):
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override robal's config (e.g. train.amp=bf16, train.channels_last=false); "
+                            "the kernel bound follows it")
+
+    args = parse_args(__doc__.split("\n")[0], default_iters={"preact_resnet18": 7, "resnet18": 2}, extra=extra)
     batches = 1 if args.quick or args.backbone == "resnet18" else 2
     print(f"machine: {machine(args.device)}; 1-min load avg at start {os.getloadavg()[0]:.2f}")
     results = {}
     with tmpdir() as tmp:
         tmp = Path(tmp)
         data_path, data_desc = data_file(tmp)
-        print(f"data: {data_desc}, CIFAR-10-LT rho 50")
+        print(f"data: {data_desc}, CIFAR-10-LT rho 50" + (f"; robal overrides: {args.set}" if args.set else ""))
         for framework, config in (("pgd_at", "pgd_at.yaml"), ("trades", "trades.yaml")):
-            trainer, robal = robal_contender(config, data_path, args, tmp / f"run_{framework}", batches)
+            trainer = robal_trainer(config, data_path, args, tmp / f"run_{framework}")
             images = batches * trainer.loader.batch_size
-            contenders = {"robal": robal,
-                          "reference": reference_contender(trainer, framework, images, args.device),
-                          "kernel-bound": kernel_contender(trainer, framework, batches, args.device)}
-            if args.bf16:
-                _, contenders["robal, train.amp=bf16"] = robal_contender(
-                    config, data_path, args, tmp / f"run_{framework}_bf16", batches, ["train.amp=bf16"])
-            for run in contenders.values():  # warm-up (allocator, oneDNN primitive caches, autocast)
-                run()
+            others = {"reference": reference_contender(trainer, framework, images, args.device),
+                      "kernel-bound": kernel_contender(trainer, framework, batches, args.device)}
             t = trainer.cfg.train
             n_params = sum(p.numel() for p in trainer.model.parameters())
             title = (f"{framework} step ({'PGD' if framework == 'pgd_at' else 'KL'}-{t.attack.steps} attack, eps 8/255, "
                      f"step 2/255), {args.backbone} width {args.width} ({n_params / 1e6:.2f}M params), "
                      f"{args.device.type}; robal: batch {t.batch_size}, channels_last={t.channels_last}, "
                      f"amp={t.amp}; reference: batch 64, fp32 NCHW; {images} images per round")
-            ips, loads = interleaved(contenders, args.iters, args.device)
+            ips, loads = timed_epoch(trainer, batches, args.iters, others, args.device)
             results[framework] = report(title, ips, loads)
     r_ref, r_ker = results["pgd_at"]
-    if args.backbone != "preact_resnet18" or args.width != DEFAULT_WIDTH["preact_resnet18"]:
-        print(f"(the line below is for {args.backbone} width {args.width}, not the CPU reference backbone)")
+    if args.backbone != "preact_resnet18" or args.width != DEFAULT_WIDTH["preact_resnet18"] or args.set:
+        print(f"(the line below is for {args.backbone} width {args.width}"
+              + (f" with {args.set}" if args.set else "") + ", not the CPU reference setting)")
     print(f"robal/reference = {r_ref:.2f}, robal/kernel-bound = {r_ker:.2f}")
 
 

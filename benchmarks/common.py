@@ -57,9 +57,9 @@ def data_file(tmp: Path) -> tuple[Path, str]:
         return CIFAR, f"CIFAR-10 ({CIFAR})"
     rng = np.random.default_rng(0)
     path = tmp / "random_cifar_shaped.npz"
-    np.savez(path, x_train=rng.integers(0, 256, (5000, 32, 32, 3), dtype=np.uint8),
-             y_train=np.repeat(np.arange(10), 500), x_test=rng.integers(0, 256, (1000, 32, 32, 3), dtype=np.uint8),
-             y_test=np.repeat(np.arange(10), 100), class_names=np.array([f"class{i}" for i in range(10)]))
+    np.savez(path, x_train=rng.integers(0, 256, (50000, 32, 32, 3), dtype=np.uint8),
+             y_train=np.repeat(np.arange(10), 5000), x_test=rng.integers(0, 256, (10000, 32, 32, 3), dtype=np.uint8),
+             y_test=np.repeat(np.arange(10), 1000), class_names=np.array([f"class{i}" for i in range(10)]))
     return path, "random uint8 data of CIFAR shape (../shared/data/cifar10.npz not found)"
 
 

@@ -1,4 +1,4 @@
-"""robal train | eval | demo  (see README.md)."""
+"""robal train | eval | report | adjust | tune-tau | demo  (see README.md)."""
 from __future__ import annotations
 
 import argparse

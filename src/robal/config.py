@@ -31,6 +31,8 @@ class DataConfig:
     val_per_class: int = 0               # held out from the long-tailed training set (tune-tau)
     crop_padding: int = 4
     flip: bool = True
+    augment: str = "crop_flip"           # crop_flip | randaugment | autoaugment (before the crop and flip)
+    augment_args: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -49,6 +51,8 @@ class AttackConfig:
     loss: str = "ce"
     loss_args: dict = field(default_factory=dict)
     random_start: bool = True
+    budget: str = "constant"             # constant | power (class-wise eps): radius per class and epoch
+    budget_args: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -77,6 +81,7 @@ class TrainConfig:
     channels_last: bool = True
     stats_every: int = 10                # clean batch accuracy measured every N batches (costs a forward)
     skip_nonfinite: int = 0              # skip up to N batches with a non-finite loss (no step); stop beyond N
+    stages: list[dict] = field(default_factory=list)  # [{until_epoch, framework, loss, ...}] before the main one
 
 
 @dataclass
@@ -294,12 +299,13 @@ def validate(cfg: Config, check_files: bool = True) -> None:
     BACKBONES.check_args(m.backbone, m.backbone_args, "model.backbone_args")
     HEADS.check_args(m.head, m.head_args, "model.head_args", ("in_features", "num_classes", "class_counts"))
 
-    FRAMEWORKS.check_args(t.framework, t.framework_args, "train.framework_args", ("loss", "attack"))
+    FRAMEWORKS.check_args(t.framework, t.framework_args, "train.framework_args", ("loss", "attack", "class_counts"))
     LOSSES.check_args(t.loss, t.loss_args, "train.loss_args", ("class_counts",))
     _require(a.eps >= 0, "train.attack.eps", f"must be >= 0; got {a.eps}")
     _require(a.step_size >= 0, "train.attack.step_size", f"must be >= 0; got {a.step_size}")
     _require(a.steps >= 0, "train.attack.steps", f"must be >= 0; got {a.steps}")
     ATTACK_LOSSES.check_args(a.loss, a.loss_args, "train.attack.loss_args", ("logits", "target", "target_probs"))
+    _validate_beyond(cfg)
     SAMPLERS.get(t.sampler, "train.sampler")
     WEIGHTINGS.check_args(t.weighting, t.weighting_args, "train.weighting_args", ("class_counts", "epoch"))
     _require(t.epochs >= 1, "train.epochs", f"must be >= 1; got {t.epochs}")
@@ -333,3 +339,25 @@ def validate(cfg: Config, check_files: bool = True) -> None:
     for i, name in enumerate(e.attacks):
         _require(is_known_attack(name), f"eval.attacks[{i}]", f"unknown attack '{name}'")
     _require(cfg.seed >= 0, "seed", f"must be >= 0; got {cfg.seed}")
+
+
+def _validate_beyond(cfg: Config) -> None:
+    """data.augment, train.attack.budget and train.stages (docs/methods.md, "Beyond the paper")."""
+    from .data.augment import AUGMENTS, build_augment
+    from .train.budgets import EPS_BUDGETS
+    from .train.stages import validate_stages
+
+    d, t, a = cfg.data, cfg.train, cfg.train.attack
+    AUGMENTS.get(d.augment, "data.augment")
+    AUGMENTS.check_args(d.augment, d.augment_args, "data.augment_args")
+    build_augment(d.augment, d.augment_args)
+    EPS_BUDGETS.get(a.budget, "train.attack.budget")
+    EPS_BUDGETS.check_args(a.budget, a.budget_args, "train.attack.budget_args", ("class_counts", "eps", "epoch"))
+    try:
+        EPS_BUDGETS.build(a.budget, a.budget_args, "train.attack.budget_args", class_counts=[2, 1], eps=a.eps,
+                          epoch=0)
+    except (TypeError, ValueError) as err:
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(f"train.attack.budget_args: {err}") from None
+    validate_stages(t)

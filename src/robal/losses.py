@@ -122,3 +122,36 @@ class FocalLoss(nn.Module):
 @LOSSES.register("focal")
 def focal(class_counts, gamma: float = 1.0, form: str = "softmax", s: float = 1.0):
     return FocalLoss(gamma, form, s)
+
+
+class EqualisationLoss(nn.Module):
+    """TAET's hierarchical equalisation loss (HARL; Wang et al., CVPR 2025, code BuhuiOK/TAET-...):
+
+        alpha * mean_c L_c + beta * mean_c (L_c - mean L)^2 + gamma * sum_c (L_c / sum_k L_k)^2
+
+    L_c: the mean cross-entropy of the batch's images of class c (0 for a class absent from the batch, as in the
+    reference code), taken over all C classes: a balanced loss, a penalty on its spread across classes, and a
+    term that is smallest when every class carries the same share.
+    """
+
+    def __init__(self, alpha: float = 0.1, beta: float = 0.1, gamma: float = 0.1, s: float = 1.0):
+        super().__init__()
+        self.alpha, self.beta, self.gamma, self.scale = alpha, beta, gamma, s
+
+    def class_losses(self, z, y, class_weight=None):
+        per_sample = F.cross_entropy(z.float() * self.scale, y, reduction="none")
+        if class_weight is not None:
+            per_sample = per_sample * class_weight[y]
+        onehot = F.one_hot(y, z.shape[1]).float()
+        return (onehot * per_sample[:, None]).sum(0) / (onehot.sum(0) + 1e-10)
+
+    def forward(self, z, y, class_weight=None):
+        lc = self.class_losses(z, y, class_weight)
+        mean = lc.mean()
+        return (self.alpha * mean + self.beta * ((lc - mean) ** 2).mean()
+                + self.gamma * ((lc / (lc.sum() + 1e-10)) ** 2).sum())
+
+
+@LOSSES.register("harl")
+def harl(class_counts, alpha: float = 0.1, beta: float = 0.1, gamma: float = 0.1, s: float = 1.0):
+    return EqualisationLoss(alpha, beta, gamma, s)

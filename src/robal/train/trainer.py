@@ -22,7 +22,8 @@ from ..models import build_model
 from ..registry import ConfigError
 from .checkpoint import (CheckpointError, atomic_save, checkpoint_paths, latest_good_checkpoint, model_checkpoint,
                          prune, read_checkpoint, rng_state, set_rng_state)
-from .frameworks import FRAMEWORKS, TrainingAttack, eval_mode
+from .frameworks import FRAMEWORKS, TrainingAttack, eval_mode  # noqa: F401 (re-exported)
+from .stages import build_framework
 from .weighting import WEIGHTINGS
 
 
@@ -154,14 +155,12 @@ class Trainer:
         for p in self.model.parameters():
             p.requires_grad_(id(p) in trainable_ids)
         self.optimizer = torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
-        self.loss = LOSSES.build(t.loss, t.loss_args, "train.loss_args", class_counts=self.data.class_counts)
-        self.loss.to(self.device)
-        a = t.attack
-        attack = TrainingAttack(a.eps, a.step_size, a.steps, a.loss, a.loss_args, a.random_start)
-        self.framework = FRAMEWORKS.build(t.framework, t.framework_args, "train.framework_args",
-                                          loss=self.loss, attack=attack)
+        # framework + loss + attack (with its eps budget), and the epoch-ranged train.stages (stages.py)
+        self.framework = build_framework(t, self.data.class_counts, self.device)
+        self.loss = self.framework.loss
         self.loader = DeviceLoader(self.data.x_train, self.data.y_train, t.batch_size, self.device, t.sampler,
-                                   cfg.data.crop_padding, cfg.data.flip, seed=cfg.seed, channels_last=t.channels_last)
+                                   cfg.data.crop_padding, cfg.data.flip, seed=cfg.seed, channels_last=t.channels_last,
+                                   augment=cfg.data.augment, augment_args=cfg.data.augment_args)
         self.start_epoch = 0
         self.skipped = 0  # non-finite batches skipped so far in this run (train.skip_nonfinite)
         if resume:
@@ -239,6 +238,7 @@ class Trainer:
                                         class_counts=self.data.class_counts, epoch=epoch)
         if class_weight is not None:
             class_weight = class_weight.to(self.device)
+        self.framework.set_epoch(epoch)  # stages, class-wise eps budget, per-epoch state
         self.model.train()
         if t.trainable != "all":  # frozen backbone keeps its BatchNorm statistics
             self.model.backbone.eval()
