@@ -264,6 +264,7 @@ def poison(trainer, bad_loss_at=(), bad_weight_after=None):
             with torch.no_grad():
                 next(trainer.model.parameters()).view(-1)[0] = math.nan
 
+    loss_fn.set_epoch = framework.set_epoch
     trainer.framework, trainer.optimizer.step = loss_fn, step_fn
 
 

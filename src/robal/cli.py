@@ -22,26 +22,57 @@ def _add_train(sub):
                    help="replace an existing run directory (with --resume: continue it with a changed config)")
     p.add_argument("--dry-run", action="store_true", help="validate, print the resolved config and class counts")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_launcher(p)
     p.set_defaults(func=cmd_train)
+
+
+def _add_launcher(p):
+    p.add_argument("--launcher", default="none", choices=["none", "torchrun"],
+                   help="torchrun: start --nproc processes on this machine (torchrun --standalone) and run this "
+                        "command data-parallel in them; the same as `torchrun --nproc-per-node N -m robal ...`")
+    p.add_argument("--nproc", type=int, default=None,
+                   help="processes for --launcher torchrun (default: the number of GPUs)")
+
+
+def _relaunched(args) -> int | None:
+    """With --launcher torchrun (and not already under torchrun): run this command again through torchrun,
+    return its exit code."""
+    import os
+    import subprocess
+
+    if args.launcher != "torchrun" or "WORLD_SIZE" in os.environ:
+        return None
+    from .distributed import torchrun_command
+
+    command = torchrun_command(args.argv, args.nproc)
+    print("running python " + " ".join(command[1:]), flush=True)
+    return subprocess.call(command)
 
 
 def cmd_train(args) -> int:
     from .config import load_config
+    from . import distributed
 
+    code = _relaunched(args)
+    if code is not None:
+        return code
     cfg = load_config(args.config, args.overrides)
     if args.dry_run:
         from .data import prepare_data
 
-        data = prepare_data(cfg.data)
-        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        print(f"class counts ({sum(data.class_counts)} images): {data.class_counts}")
+        if distributed.env_context().main:
+            data = prepare_data(cfg.data)
+            print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            print(f"class counts ({sum(data.class_counts)} images): {data.class_counts}")
         return 0
     if not args.out:
         raise SystemExit("robal train: --out RUN_DIR is required")
     from .train.trainer import train
 
     train(cfg, args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
-    print(f"saved {Path(args.out) / 'model.pt'}")
+    if distributed.current().main:
+        print(f"saved {Path(args.out) / 'model.pt'}")
+    distributed.cleanup()
     return 0
 
 
@@ -65,6 +96,7 @@ def _add_eval(sub):
                         "PGD vs AutoAttack), full (adds a black-box Square attack), none")
     p.add_argument("--checks-n", type=int, default=200,
                    help="images in the fixed stratified test subset the checks attack (default 200)")
+    _add_launcher(p)
     p.set_defaults(func=cmd_eval)
 
 
@@ -95,8 +127,11 @@ def cmd_eval(args) -> int:
     from .evaluate.runner import evaluate_model
     from .evaluate.table import format_table
     from .train.checkpoint import read_checkpoint, resolve_model_path, load_model
-    from .train.trainer import resolve_device
+    from . import distributed
 
+    code = _relaunched(args)
+    if code is not None:
+        return code
     attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
     for a in attacks:
         if not is_known_attack(a):
@@ -106,15 +141,20 @@ def cmd_eval(args) -> int:
     cfg = from_dict(Config, meta["config"])
     if args.data_path:
         cfg.data.path = args.data_path
-    device = resolve_device(args.device or cfg.device)
+    # under torchrun: this rank's device; each rank attacks its batches of the test set, rank 0 writes
+    ctx, device = distributed.setup(args.device or cfg.device)
     model = load_model(path, device)
     if args.inference is not None or args.tau_p is not None:
         model.set_inference(inference_overrides(model.spec["inference"], args.inference, args.tau_p))
-    data = prepare_data(cfg.data)
+    data = distributed.main_first(prepare_data, cfg.data)
     eps = cfg.eval.eps if args.eps is None else args.eps
     batch = args.batch_size or cfg.eval.batch_size
     result = evaluate_model(model, data.x_test, data.y_test, attacks, eps, cfg.eval.step_size,
-                            model.spec["class_counts"], batch, device, args.n_test, cfg.eval.seed)
+                            model.spec["class_counts"], batch, device, args.n_test, cfg.eval.seed,
+                            progress=ctx.main, shard=ctx.shard)
+    if not ctx.main:  # the reliability checks and the files: rank 0 alone
+        distributed.cleanup()
+        return 0
     result.update({"checkpoint": str(path), "inference": model.spec["inference"],
                    "inference_overridden": args.inference is not None or args.tau_p is not None,
                    "class_names": model.spec.get("class_names"), "train_logit_scale": meta.get("logit_scale")})
@@ -129,6 +169,7 @@ def cmd_eval(args) -> int:
     out.write_text(json.dumps(result, indent=1))
     written = write_eval_outputs(result, out)
     print(f"wrote {out}, " + ", ".join(p.name for p in written))
+    distributed.cleanup()
     return 0
 
 
@@ -261,10 +302,17 @@ def main(argv: list[str] | None = None) -> int:
     from .train.trainer import TrainingDiverged
 
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for --launcher torchrun
     try:
         return args.func(args)
     except (ConfigError, DataError, CheckpointError, TrainingDiverged, FileExistsError, FileNotFoundError) as err:
-        print(f"robal {args.command}: error: {err}", file=sys.stderr)
+        if not getattr(err, "reported_by_rank0", False):  # under torchrun, rank 0's errors are printed once
+            print(f"robal {args.command}: error: {err}", file=sys.stderr, flush=True)
+        if getattr(err, "raised_on_all_ranks", False):  # every rank stops here, after rank 0 has printed it
+            from . import distributed
+
+            distributed.barrier()
+            distributed.cleanup()
         return 2
 
 

@@ -81,6 +81,7 @@ class TrainConfig:
     channels_last: bool = True
     stats_every: int = 10                # clean batch accuracy measured every N batches (costs a forward)
     skip_nonfinite: int = 0              # skip up to N batches with a non-finite loss (no step); stop beyond N
+    sync_bn: bool = False                # several ranks (torchrun): BatchNorm on the global batch's statistics
     stages: list[dict] = field(default_factory=list)  # [{until_epoch, framework, loss, ...}] before the main one
 
 

@@ -70,7 +70,7 @@ def setup(device_name: str) -> tuple[Context, torch.device]:
     """
     from .train.trainer import resolve_device
 
-    ctx = env_context()
+    ctx = current() if dist.is_available() and dist.is_initialized() else env_context()
     device = resolve_device(device_name)
     if not ctx.distributed:
         return ctx, device
@@ -82,6 +82,29 @@ def setup(device_name: str) -> tuple[Context, torch.device]:
         kwargs = {"device_id": device} if backend == "nccl" else {}
         dist.init_process_group(backend, **kwargs)
     return current(), device
+
+
+def torchrun_command(argv: list[str], nproc: int | None) -> list[str]:
+    """`python -m torch.distributed.run --standalone --nproc-per-node N -m robal ARGV` without the launcher flags
+    (`robal train ... --launcher torchrun --nproc N`)."""
+    import sys
+
+    if nproc is None:
+        nproc = torch.cuda.device_count()
+        if nproc == 0:
+            raise SystemExit("robal: --launcher torchrun without GPUs needs --nproc N (processes on the CPU)")
+    if nproc < 1:
+        raise SystemExit(f"robal: --nproc must be >= 1; got {nproc}")
+    rest, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--launcher", "--nproc"):
+            skip = True
+        elif not arg.startswith(("--launcher=", "--nproc=")):
+            rest.append(arg)
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            "-m", "robal", *rest]
 
 
 def cleanup() -> None:
@@ -141,6 +164,7 @@ def main_first(fn, *args, **kwargs):
             error = err
     result, error = broadcast_object((result, error))
     if error is not None:
+        error.raised_on_all_ranks = True  # the CLI prints it on rank 0, then all ranks meet and exit
         if not ctx.main:
             error.reported_by_rank0 = True
         raise error
@@ -241,6 +265,23 @@ class GradientSync:
         return flat[-1].item() == 0
 
 
+class _SumOverRanks(torch.autograd.Function):
+    """Sum of a tensor over ranks; its backward sums the incoming gradients over ranks (each rank's input feeds
+    every rank's output)."""
+
+    @staticmethod
+    def forward(ctx, t):
+        t = t.clone()
+        dist.all_reduce(t)
+        return t
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
 class GlobalBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d with the statistics of the global batch across ranks, for devices that torch's
     SyncBatchNorm does not support (the CPU, with gloo). One all_reduce of (sum, sum of squares, count) per
@@ -250,12 +291,10 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x):
         if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
-
         c = x.shape[1]
         xf = x.float()
         count = xf.new_full((1,), x.numel() // c if c else 0)
-        stats = all_reduce(torch.cat([xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3)), count]))
+        stats = _SumOverRanks.apply(torch.cat([xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3)), count]))
         n = stats[-1]
         mean = stats[:c] / n
         var = (stats[c:2 * c] / n - mean * mean).clamp_min(0)

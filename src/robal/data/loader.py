@@ -86,6 +86,7 @@ class DeviceLoader:
         self.crop_padding, self.flip = crop_padding, flip
         self.channels_last = channels_last
         self.rank, self.world = shard
+        self.global_batch = 0  # size of the last global batch yielded (this rank's slice may be smaller)
         self.generator = torch.Generator().manual_seed(seed)
         self.augment = build_augment(augment, augment_args)  # data.augment: None for crop_flip (no extra draws)
 
@@ -105,6 +106,7 @@ class DeviceLoader:
                 x = self.augment(x, self.generator)
             x = random_crop_flip(x, self.crop_padding, self.flip, self.generator)
             y = self.y[idx.to(self.y.device)]
+            self.global_batch = len(idx)
             if self.world > 1:
                 x, y = x[self.rank::self.world], y[self.rank::self.world]
             if self.channels_last:

@@ -11,6 +11,7 @@ import logging
 import torch
 
 from ..attacks import EVAL_ATTACKS
+from ..distributed import shard_batches, shard_indices
 
 AA_VERSIONS = {"aa": None, "aa-paper": ["apgd-ce", "apgd-t"]}
 AA_ATTACKS = ("apgd-ce", "apgd-t", "apgd-dlr", "fab", "fab-t", "square")
@@ -39,14 +40,23 @@ def known_attacks() -> list[str]:
 
 @torch.inference_mode()
 def predict(model, x: torch.Tensor, batch_size: int, device) -> torch.Tensor:
-    return torch.cat([model(x[i:i + batch_size].to(device)).argmax(1).cpu() for i in range(0, len(x), batch_size)])
+    return torch.cat([torch.zeros(0, dtype=torch.long)] +
+                     [model(x[i:i + batch_size].to(device)).argmax(1).cpu() for i in range(0, len(x), batch_size)])
 
 
-def gradient_attack_predictions(name, model, x, y, eps, step_size, batch_size, device):
+def batch_seed(seed: int, batch: int) -> int:
+    """The random-start seed of batch `batch` (batch 0: `seed` itself): a batch's attack depends on its images and
+    index only, not on which process ran the batches before it."""
+    return seed + 1_000_003 * batch
+
+
+def gradient_attack_predictions(name, model, x, y, eps, step_size, batch_size, device, seed=0, shard=(0, 1)):
     attack = EVAL_ATTACKS.get(name, "--attacks")
-    preds = []
-    for i in range(0, len(x), batch_size):
+    preds = [torch.zeros(0, dtype=torch.long)]
+    for b in shard_batches(len(x), batch_size, shard):
+        i = b * batch_size
         xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
+        torch.manual_seed(batch_seed(seed, b))
         x_adv = attack(model, xb, yb, eps, step_size)
         with torch.inference_mode():
             preds.append(model(x_adv).argmax(1).cpu())
@@ -68,11 +78,21 @@ def autoattack_predictions(name, model, x, y, eps, batch_size, device, seed=0):
     return y_adv.cpu()
 
 
-def attack_predictions(name, model, x, y, eps, step_size, batch_size, device, seed=0):
-    """Predictions of `model` on x under the named attack (for `clean`, on x itself)."""
+def attack_predictions(name, model, x, y, eps, step_size, batch_size, device, seed=0, shard=(0, 1)):
+    """Predictions of `model` on x under the named attack (for `clean`, on x itself).
+
+    shard=(rank, world): only the batches of `batch_size` that this rank handles (r, r + world, ...), their
+    predictions concatenated in order (`robal.distributed.gather_shards` puts every rank's back together). Our
+    own attacks seed each batch's random start by its index, so the gathered predictions equal one process's;
+    AutoAttack runs on the rank's images as one set (its per-batch random draws differ from one process's).
+    """
+    if name != "clean" and not is_autoattack(name):
+        return gradient_attack_predictions(name, model, x, y, eps, step_size, batch_size, device, seed, shard)
+    idx = shard_indices(len(x), batch_size, shard) if shard[1] > 1 else slice(None)
+    x, y = x[idx], y[idx]
     torch.manual_seed(seed)
     if name == "clean":
         return predict(model, x, batch_size, device)
-    if is_autoattack(name):
-        return autoattack_predictions(name, model, x, y, eps, batch_size, device, seed)
-    return gradient_attack_predictions(name, model, x, y, eps, step_size, batch_size, device)
+    if len(x) == 0:
+        return torch.zeros(0, dtype=torch.long)
+    return autoattack_predictions(name, model, x, y, eps, batch_size, device, seed)

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from ..data import prepare_data, stratified_indices
+from ..distributed import gather_shards
 from .attacks import attack_predictions
 from .metrics import attack_metrics, class_groups
 
@@ -27,8 +28,12 @@ def to_images(x_uint8: np.ndarray) -> torch.Tensor:
 
 def evaluate_model(model, x_test: np.ndarray, y_test: np.ndarray, attacks: list[str], eps: float,
                    step_size: float, class_counts: list[int], batch_size: int = 500, device="cpu",
-                   n_test: int | None = None, seed: int = 0, progress: bool = True) -> dict:
-    """Accuracy of `model` under each attack, with per-class, group and boundary-error metrics."""
+                   n_test: int | None = None, seed: int = 0, progress: bool = True,
+                   shard: tuple[int, int] = (0, 1)) -> dict:
+    """Accuracy of `model` under each attack, with per-class, group and boundary-error metrics.
+
+    shard=(rank, world) under torchrun: each rank attacks its batches of the test images and the predictions are
+    gathered (robal/distributed.py), so every rank returns the result one process would."""
     idx = test_subset(y_test, n_test, seed)
     x, y = to_images(x_test[idx]), torch.as_tensor(y_test[idx], dtype=torch.long)
     labels = y.numpy()
@@ -37,7 +42,10 @@ def evaluate_model(model, x_test: np.ndarray, y_test: np.ndarray, attacks: list[
     results, seconds, clean_correct = {}, {}, None
     for name in names:
         start = time.perf_counter()
-        preds = attack_predictions(name, model, x, y, eps, step_size, batch_size, device, seed).numpy()
+        preds = attack_predictions(name, model, x, y, eps, step_size, batch_size, device, seed, shard)
+        if shard[1] > 1:
+            preds = gather_shards(preds, len(x), batch_size)
+        preds = preds.numpy()
         seconds[name] = round(time.perf_counter() - start, 2)
         correct = preds == labels
         if clean_correct is None:

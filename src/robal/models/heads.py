@@ -64,6 +64,17 @@ class CDTHead(LinearHead):
         return self(f) / self.temperature
 
 
+def batch_mean(f):
+    """Mean over the batch; over the global batch when several ranks each hold a slice of it (torchrun)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return f.mean(0)
+    total = torch.cat([f.sum(0), f.new_full((1,), len(f))])
+    dist.all_reduce(total)
+    return total[:-1] / total[-1]
+
+
 class TDEHead(CosineHead):
     """Cosine head that tracks the moving-average feature direction d in training (Tang et al., TDE).
 
@@ -78,7 +89,7 @@ class TDEHead(CosineHead):
     def training_logits(self, f):
         if self.training:
             with torch.no_grad():
-                self.mean_feature.mul_(self.momentum).add_(f.detach().float().mean(0), alpha=1 - self.momentum)
+                self.mean_feature.mul_(self.momentum).add_(batch_mean(f.detach().float()), alpha=1 - self.momentum)
         return self(f)
 
     def logits_without_direction(self, f, alpha: float):

@@ -251,6 +251,9 @@ class REAT(Framework):
         super().set_epoch(epoch)
         if epoch == self._epoch:
             return
+        if self._counting is not None:  # several ranks (torchrun): the counts of the global batches
+            from ..distributed import all_reduce_sum
+            all_reduce_sum(self._counting)
         if self._counting is not None and float(self._counting.sum()) > 0:
             self.adv_counts = self._counting.cpu()
         self._counting, self._epoch = None, epoch

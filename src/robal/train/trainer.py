@@ -15,6 +15,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
+from .. import distributed
 from ..config import Config, from_dict
 from ..data import DeviceLoader, prepare_data
 from ..losses import LOSSES
@@ -136,11 +137,14 @@ TRAINABLE = {
 class Trainer:
     def __init__(self, cfg: Config, out: str | Path, resume: bool | str = False, overwrite: bool = False,
                  progress: bool = True):
-        self.cfg, self.out, self.progress = cfg, Path(out), progress
-        self.device = resolve_device(cfg.device)
+        self.cfg, self.out = cfg, Path(out)
+        # under torchrun: join the process group, this rank's device (robal/distributed.py)
+        self.ctx, self.device = distributed.setup(cfg.device)
+        self.progress = progress and self.ctx.main
         seed_everything(cfg.seed)
-        self.data = prepare_data(cfg.data)  # bad data fails before the run directory is touched
-        resume = prepare_run_dir(self.out, cfg.to_dict(), resume, overwrite)
+        # bad data fails before the run directory is touched; rank 0 loads (or downloads) it and sends it
+        self.data = distributed.main_first(prepare_data, cfg.data)
+        resume = distributed.main_first(prepare_run_dir, self.out, cfg.to_dict(), resume, overwrite)
         t = cfg.train
         self.model = build_model(model_spec(cfg, self.data))
         if t.init_from:
@@ -148,6 +152,8 @@ class Trainer:
         self.model.to(self.device)
         if t.channels_last:
             self.model.to(memory_format=torch.channels_last)
+        if self.ctx.distributed and t.sync_bn:
+            distributed.use_global_batchnorm(self.model)
         params = list(TRAINABLE[t.trainable](self.model))
         if t.trainable == "class_scale" and not hasattr(self.model.head, "class_scale"):
             raise ConfigError("train.trainable: class_scale needs the 'lws' head")
@@ -160,24 +166,29 @@ class Trainer:
         self.loss = self.framework.loss
         self.loader = DeviceLoader(self.data.x_train, self.data.y_train, t.batch_size, self.device, t.sampler,
                                    cfg.data.crop_padding, cfg.data.flip, seed=cfg.seed, channels_last=t.channels_last,
-                                   augment=cfg.data.augment, augment_args=cfg.data.augment_args)
+                                   augment=cfg.data.augment, augment_args=cfg.data.augment_args,
+                                   shard=self.ctx.shard)  # each rank: its slice of every global batch
+        self.sync = distributed.GradientSync(self.model, params, self.ctx.world) if self.ctx.distributed else None
         self.start_epoch = 0
         self.skipped = 0  # non-finite batches skipped so far in this run (train.skip_nonfinite)
         if resume:
             self._resume()
-        tmp = self.out / ".config.yaml.tmp"
-        tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        os.replace(tmp, self.out / "config.yaml")
+        if self.ctx.main:  # only rank 0 writes in the run directory
+            tmp = self.out / ".config.yaml.tmp"
+            tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            os.replace(tmp, self.out / "config.yaml")
 
     # ------------------------------------------------------------ state
 
     def _resume(self) -> None:
         """Model, optimiser, epoch (hence lr schedule), RNG and sampler state from the newest good checkpoint."""
-        for stale in self.out.glob(".*.tmp*"):  # left behind by a run killed while writing
-            stale.unlink()
-        found = latest_good_checkpoint(self.out)
+        if self.ctx.main:
+            for stale in self.out.glob(".*.tmp*"):  # left behind by a run killed while writing
+                stale.unlink()
+        found = distributed.main_first(latest_good_checkpoint, self.out)  # read by rank 0, sent to the others
         if found is None:
-            print(f"no checkpoint in {self.out} yet: starting the run from the beginning")
+            if self.ctx.main:
+                print(f"no checkpoint in {self.out} yet: starting the run from the beginning")
         else:
             path, ckpt = found
             try:
@@ -189,8 +200,10 @@ class Trainer:
             except (KeyError, RuntimeError, TypeError, ValueError) as err:
                 raise CheckpointError(f"checkpoint {path} cannot be resumed from ({type(err).__name__}: "
                                       f"{str(err)[:300]})") from None
-            print(f"resuming from {path} (epoch {self.start_epoch} done)")
-        self._truncate_log(self.start_epoch)
+            if self.ctx.main:
+                print(f"resuming from {path} (epoch {self.start_epoch} done)")
+        if self.ctx.main:
+            self._truncate_log(self.start_epoch)
 
     def _truncate_log(self, epoch: int) -> None:
         """Drop log records of epochs after `epoch` (and a line cut short by a kill): they are trained again."""
@@ -239,6 +252,8 @@ class Trainer:
         if class_weight is not None:
             class_weight = class_weight.to(self.device)
         self.framework.set_epoch(epoch)  # stages, class-wise eps budget, per-epoch state
+        if self.ctx.distributed:  # each rank its own random starts, fixed by (seed, epoch, rank) for exact resume
+            torch.manual_seed(distributed.epoch_seed(self.cfg.seed, epoch, self.ctx.rank))
         self.model.train()
         if t.trainable != "all":  # frozen backbone keeps its BatchNorm statistics
             self.model.backbone.eval()
@@ -248,21 +263,41 @@ class Trainer:
         for step, (x, y) in enumerate(bar):
             with autocast_for(self.device, t.amp):
                 loss, z_clean, z_adv = self.framework(self.model, x, y, class_weight)
-            if not torch.isfinite(loss):
+            if self.sync is not None:  # several ranks
+                if len(y) == 0:  # an empty slice (a last global batch smaller than the world): mean over nothing
+                    loss = torch.nan_to_num(loss)
+                if not self._distributed_backward(loss, len(y)):
+                    self._skip_or_stop(epoch, step)
+                    continue
+            elif not torch.isfinite(loss):
                 self._skip_or_stop(epoch, step)
                 continue
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            else:
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
             self.optimizer.step()
             totals += self._batch_stats(loss, z_clean, z_adv, x, y, step)
             if step % t.stats_every == 0 and self.progress:
                 bar.set_postfix(self._summary(totals), refresh=False)
+        distributed.all_reduce_sum(totals)  # the global batches' statistics on every rank
         seconds = time.perf_counter() - start
         if not self._weights_finite():
             raise TrainingDiverged(f"non-finite weights at epoch {epoch + 1}, batch {len(self.loader)} (its last); "
                                    f"{self._kept()}")
         return {"epoch": epoch + 1, "lr": lr, **self._summary(totals), "skipped": self.skipped - skipped_before,
                 "seconds": round(seconds, 2), "images_per_s": round(len(self.loader.y) / seconds, 1)}
+
+    def _distributed_backward(self, loss, n_local: int) -> bool:
+        """Backward of this rank's share of the global batch loss, then gradients averaged over ranks; False
+        (gradients dropped on every rank) when any rank's loss is non-finite."""
+        # each rank's mean over its slice, weighted so that the averaged gradient is the global batch mean's
+        objective = loss * distributed.slice_weight(n_local, self.loader.global_batch, self.ctx.world)
+        self.optimizer.zero_grad(set_to_none=True)
+        objective.backward()
+        if self.sync(objective):
+            return True
+        self.optimizer.zero_grad(set_to_none=True)
+        return False
 
     def _kept(self) -> str:
         saved = checkpoint_paths(self.out)
@@ -282,7 +317,8 @@ class Trainer:
                       "set train.skip_nonfinite to skip a few such batches")
             raise TrainingDiverged(f"non-finite loss at {where} ({budget}); {self._kept()}")
         self.skipped += 1
-        print(f"warning: non-finite loss at {where}: batch skipped ({self.skipped} of {limit} allowed)")
+        if self.ctx.main:
+            print(f"warning: non-finite loss at {where}: batch skipped ({self.skipped} of {limit} allowed)")
 
     def _batch_stats(self, loss, z_clean, z_adv, x, y, step):
         stats = torch.zeros(5, device=self.device)
@@ -311,12 +347,16 @@ class Trainer:
         t = self.cfg.train
         for epoch in range(self.start_epoch, t.epochs):
             record = self.train_epoch(epoch)
+            if not self.ctx.main:  # only rank 0 writes logs and checkpoints
+                continue
             self.log(record)
             if self.progress:
                 print(" ".join(f"{k}={v}" for k, v in record.items()))
             if (epoch + 1) % t.checkpoint_every == 0 or epoch + 1 == t.epochs:
                 self.save_epoch(epoch + 1)
-        atomic_save(model_checkpoint(self.model, self.meta(t.epochs)), self.out / "model.pt")
+        if self.ctx.main:
+            atomic_save(model_checkpoint(self.model, self.meta(t.epochs)), self.out / "model.pt")
+        distributed.barrier()  # on every rank, model.pt exists once fit returns
         return self.model
 
 
