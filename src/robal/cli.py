@@ -116,17 +116,27 @@ def inference_overrides(spec_inference: list[dict], inference_yaml: str | None, 
     return inference
 
 
-def cmd_eval(args) -> int:
-    import torch
-
+def open_run(target, data_path: str | None = None):
+    """A run directory or checkpoint: its checkpoint path, meta and training config (data.path overridable)."""
     from .config import Config, from_dict
+    from .train.checkpoint import read_checkpoint, resolve_model_path
+
+    path = resolve_model_path(target)
+    meta = read_checkpoint(path)["meta"]
+    cfg = from_dict(Config, meta["config"])
+    if data_path:
+        cfg.data.path = data_path
+    return path, meta, cfg
+
+
+def cmd_eval(args) -> int:
     from .data import prepare_data
     from .evaluate.attacks import is_known_attack, known_attacks
     from .evaluate.checks import format_checks, run_checks
     from .evaluate.report import write_eval_outputs
     from .evaluate.runner import evaluate_model
     from .evaluate.table import format_table
-    from .train.checkpoint import read_checkpoint, resolve_model_path, load_model
+    from .train.checkpoint import load_model
     from . import distributed
 
     code = _relaunched(args)
@@ -136,11 +146,7 @@ def cmd_eval(args) -> int:
     for a in attacks:
         if not is_known_attack(a):
             raise SystemExit(f"robal eval: unknown attack '{a}'; known: {', '.join(known_attacks())}")
-    path = resolve_model_path(args.target)
-    meta = read_checkpoint(path)["meta"]
-    cfg = from_dict(Config, meta["config"])
-    if args.data_path:
-        cfg.data.path = args.data_path
+    path, meta, cfg = open_run(args.target, args.data_path)
     # under torchrun: this rank's device; each rank attacks its batches of the test set, rank 0 writes
     ctx, device = distributed.setup(args.device or cfg.device)
     model = load_model(path, device)
@@ -202,14 +208,12 @@ def _add_tune_tau(sub):
 
 
 def cmd_tune_tau(args) -> int:
-    from .config import Config, from_dict
     from .data import prepare_data
     from .evaluate.tune import tune_tau
-    from .train.checkpoint import load_model, read_checkpoint, resolve_model_path
+    from .train.checkpoint import load_model
     from .train.trainer import resolve_device
 
-    path = resolve_model_path(args.run)
-    cfg = from_dict(Config, read_checkpoint(path)["meta"]["config"])
+    path, _, cfg = open_run(args.run)
     device = resolve_device(cfg.device)
     model = load_model(path, device)
     data = prepare_data(cfg.data)
