@@ -126,3 +126,15 @@ def test_tune_tau_refuses_a_run_without_a_validation_split(digits_run, digits_da
 
     with pytest.raises(ValueError, match="val_per_class"):
         tune_tau(digits_run[2], digits_data.x_val, digits_data.y_val, [0.1], "fgsm", 0.1, 0.025)
+
+
+def test_demo_compares_pgd_at_and_robal_per_class(tmp_path, capsys):
+    from robal.demo import run_demo
+
+    results = run_demo(str(tmp_path), epochs=2)
+    out = capsys.readouterr().out
+    assert set(results) == {"PGD-AT", "RoBal-N"}
+    assert "PGD-20 gain" in out and "eps 0.1" in out
+    for label in results:
+        assert len(results[label]["attacks"]["pgd20"]["per_class"]) == 10
+    assert (tmp_path / "robal_n" / "model.pt").is_file() and (tmp_path / "pgd_at" / "model.pt").is_file()
