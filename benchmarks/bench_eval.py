@@ -2,7 +2,7 @@
 
   robal         the evaluate path `robal eval` takes (robal.evaluate.attacks.attack_predictions: batches of
                 eval.batch_size (500) moved to the device, the attack, predictions under inference_mode),
-                on the model as `robal.load_model` returns it
+                on the model as `robal.load_model` returns it, images as `robal eval` holds them
   reference     PGD-20: a DataLoader over the test set (per-sample ToTensor, num_workers=0, batch 64), fp32 NCHW,
                 the TRADES repository's _pgd_whitebox (loss.backward on X_pgd, parameter gradients computed);
                 AutoAttack: the official package called on the fp32 NCHW model with the same settings
@@ -14,6 +14,7 @@
 
 Usage:  python benchmarks/bench_eval.py [--backbone preact_resnet18|resnet18] [--iters N] [--device cpu|cuda]
                                         [--quick] [--checkpoint RUN_DIR_OR_PT] [--n-pgd N] [--n-aa N] [--aa-iters N]
+                                        [--skip-aa] [--eval-batch N] [--nchw]
 """
 from __future__ import annotations
 
@@ -37,6 +38,9 @@ def extra_args(p):
     p.add_argument("--n-aa", type=int, default=100, help="test images for AutoAttack (default 100)")
     p.add_argument("--aa-iters", type=int, default=1, help="timed AutoAttack rounds (default 1)")
     p.add_argument("--skip-aa", action="store_true")
+    p.add_argument("--eval-batch", type=int, default=None, help="robal's eval batch (default: eval.batch_size, 500)")
+    p.add_argument("--nchw", action="store_true", help="give robal NCHW-contiguous images (ablation: robal "
+                                                      "eval's are channels_last-strided)")
 
 
 def load_or_build(args, cfg, data, device):
@@ -56,8 +60,9 @@ def load_or_build(args, cfg, data, device):
     return model.eval(), "a fresh model (untrained; BatchNorm statistics from 2048 training images)"
 
 
-def pgd_kernel(model, n, batch_size, device, steps=20):
-    xs = [torch.rand(min(batch_size, n - i), 3, 32, 32, device=device) for i in range(0, n, batch_size)]
+def pgd_kernel(model, n, batch_size, device, fmt, steps=20):
+    xs = [torch.rand(min(batch_size, n - i), 3, 32, 32, device=device).contiguous(memory_format=fmt)
+          for i in range(0, n, batch_size)]
     leaves = [x.clone().requires_grad_(True) for x in xs]
     ys = [torch.randint(model.num_classes, (len(x),), device=device) for x in xs]
 
@@ -85,9 +90,9 @@ class CallRecorder:
             self.calls.append((x.shape[0], torch.is_grad_enabled() and x.requires_grad))
 
 
-def replay_kernel(model, calls, device, n):
+def replay_kernel(model, calls, device, n, fmt):
     sizes = sorted({b for b, _ in calls})
-    xs = {b: torch.rand(b, 3, 32, 32, device=device) for b in sizes}
+    xs = {b: torch.rand(b, 3, 32, 32, device=device).contiguous(memory_format=fmt) for b in sizes}
     leaves = {b: x.clone().requires_grad_(True) for b, x in xs.items()}
     ys = {b: torch.randint(model.num_classes, (b,), device=device) for b in sizes}
 
@@ -118,14 +123,19 @@ def main():
         print(f"data: {data_desc}, test split")
         model, model_desc = load_or_build(args, cfg, data, device)
         ref = reference_model(model, device).eval()
-        batch = cfg.eval.batch_size
+        # robal eval's images (to_images: a permuted NHWC array) are channels_last-strided, so its convolutions
+        # run channels_last; the kernel bound gets the same layout
+        fmt = torch.contiguous_format if args.nchw else torch.channels_last
+        batch = args.eval_batch or cfg.eval.batch_size
         n_pgd = args.n_pgd or (64 if args.quick else batch)
         n_aa = 20 if args.quick else args.n_aa
-        print(f"model: {model.spec['backbone']} {model.spec['backbone_args']} ({model_desc})")
+        print(f"model: {model.spec['backbone']} {model.spec['backbone_args']} ({model_desc}); robal evaluates it "
+              f"on {'channels_last-strided' if fmt == torch.channels_last else 'NCHW'} images, eval batch {batch}")
 
         # PGD-20 on a fixed stratified subset
         idx = test_subset(data.y_test, n_pgd - n_pgd % 10 or 10)
         x, y = to_images(data.x_test[idx]), torch.as_tensor(data.y_test[idx], dtype=torch.long)
+        x = x.contiguous(memory_format=fmt)
         n = len(y)
         ref_batches = reference_loader(data.x_test[idx], data.y_test[idx], train=False, batch_size=64)
         n_ref_batches = -(-n // 64)
@@ -144,14 +154,14 @@ def main():
             return seen
 
         contenders = {"robal": robal_pgd, "reference": reference_pgd,
-                      "kernel-bound": pgd_kernel(model, n, batch, device)}
+                      "kernel-bound": pgd_kernel(model, n, batch, device, fmt)}
         for run in contenders.values():
             run()
-        ips, loads = interleaved(contenders, args.iters, device)
+        figures = interleaved(contenders, args.iters, device)
         robust = (attack_predictions("pgd20", model, x, y, EPS, STEP, batch, device) == y).float().mean().item()
         clean = (attack_predictions("clean", model, x, y, EPS, STEP, batch, device) == y).float().mean().item()
         report(f"PGD-20 evaluation, {n} test images (clean {100 * clean:.1f}%, PGD-20 {100 * robust:.1f}%), "
-               f"{device.type}; robal: eval batch {batch}; reference: batch 64", ips, loads)
+               f"{device.type}; reference: batch 64, NCHW", figures)
 
         if args.skip_aa:
             return
@@ -159,6 +169,7 @@ def main():
 
         idx = test_subset(data.y_test, max(10, n_aa - n_aa % 10))
         x, y = to_images(data.x_test[idx]), torch.as_tensor(data.y_test[idx], dtype=torch.long)
+        x_nchw = x.contiguous()  # the reference's images (ToTensor: contiguous NCHW)
         recorder = CallRecorder(model)
         recorder.on = True
         preds = attack_predictions("aa-paper", model, x, y, EPS, STEP, batch, device, seed=0)  # warm-up + record
@@ -174,17 +185,17 @@ def main():
             adversary.apgd.n_restarts = 1
             adversary.apgd_targeted.n_target_classes = 9
             adversary.logger.setLevel(50)
-            adversary.run_standard_evaluation(x.to(device), y.to(device), batch_size=64)
+            adversary.run_standard_evaluation(x_nchw.to(device), y.to(device), batch_size=64)
             return len(y)
 
         contenders = {"robal": robal_aa, "reference": reference_aa,
-                      "kernel-bound": replay_kernel(model, recorder.calls, device, len(y))}
+                      "kernel-bound": replay_kernel(model, recorder.calls, device, len(y), fmt)}
         reference_aa()
-        ips, loads = interleaved(contenders, args.aa_iters, device)
+        figures = interleaved(contenders, args.aa_iters, device)
         grads = sum(g for _, g in recorder.calls)
         report(f"AutoAttack aa-paper (APGD-CE + APGD-T), {len(y)} test images (AA accuracy "
                f"{100 * (preds == y).float().mean():.1f}%; {grads} gradient and {len(recorder.calls) - grads} "
-               f"forward-only calls), {device.type}; robal: eval batch {batch}; reference: batch 64", ips, loads)
+               f"forward-only calls), {device.type}; reference: batch 64, NCHW", figures)
 
 
 if __name__ == "__main__":

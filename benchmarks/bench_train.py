@@ -3,8 +3,8 @@
   robal         the real `Trainer.train_epoch` (DeviceLoader sampling/crop/flip on the device, the framework,
                 the training attack, optimiser step, batch statistics) on the CPU reference setting's config
                 (configs/cifar10_lt/pgd_at.yaml, trades.yaml: batch 128, channels_last, amp auto = fp32 on CPU,
-                bf16 on CUDA); one epoch, cut to (iters + 1) chunks, timed chunk by chunk with the other
-                contenders run between chunks (see timed_epoch)
+                bf16 on CUDA); one epoch, cut to iters + 1 batches, timed batch by batch with the other
+                contenders run between robal's batches (see timed_epoch); the first round is a warm-up
   reference     what the field's reference code does: DataLoader over a Dataset with per-sample numpy crop/flip,
                 num_workers=0, fp32 NCHW, batch 64, the attack written step by step (Madry: loss.backward() on
                 x_adv; TRADES: the authors' trades_loss)
@@ -13,24 +13,25 @@
                 (TRADES adds the clean eval forward for the KL target and the second training forward)
 
 Usage:  python benchmarks/bench_train.py [--backbone preact_resnet18|resnet18] [--iters N] [--device cpu|cuda]
-                                         [--quick] [--set train.amp=bf16 ...]
+                                         [--quick] [--threads N] [--frameworks pgd_at,trades]
+                                         [--set train.amp=bf16 --set train.channels_last=false ...]
+Each round times one robal batch (128 images), the same number of images of the reference (two batches of 64)
+and one kernel-bound batch; figures are medians over rounds, ratios medians of per-round ratios.
 The last line reads `robal/reference = R.RR, robal/kernel-bound = K.KK` for the PGD-5 AT step of the backbone
 (default: the CPU reference backbone, PreAct-ResNet-18 width 16); kernel-bound = kernel-only time / robal time.
 """
 from __future__ import annotations
 
-import copy
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (DEFAULT_WIDTH, data_file, machine, parse_args, reference_loader, reference_model,  # noqa: E402
-                    reference_pgd_at_step, reference_trades_step, report, robal_config, sync, tmpdir)
+from common import (DEFAULT_WIDTH, Clock, Figures, data_file, machine, parse_args, reference_loader,  # noqa: E402
+                    reference_model, reference_pgd_at_step, reference_trades_step, report, robal_config, tmpdir)
 
 
 def robal_trainer(config_name: str, data_path: Path, args, out: Path):
@@ -43,12 +44,12 @@ def timed_epoch(trainer, batches: int, rounds: int, others: dict, device) -> tup
     """Times robal inside one real `Trainer.train_epoch` (so its step counter, batch statistics every
     train.stats_every batches and loader state run as in training): the epoch is cut to (rounds + 1) chunks of
     `batches` batches, and after each chunk the other contenders run once (rotating order), outside robal's
-    timing. The first chunk is a warm-up for everyone. Returns images/s per round and the load per round."""
+    timing. The first chunk is a warm-up for everyone."""
     inner = trainer.loader
     full_order = inner.epoch_order
     inner.epoch_order = lambda: full_order()[:(rounds + 1) * batches * inner.batch_size]
     names = list(others)
-    ips, loads = {"robal": [], **{n: [] for n in names}}, []
+    figures = Figures(["robal", *names])
 
     class Chunked:
         def __getattr__(self, attr):
@@ -60,32 +61,28 @@ def timed_epoch(trainer, batches: int, rounds: int, others: dict, device) -> tup
         def __iter__(self):
             it = iter(inner)
             for r in range(-1, rounds):
-                sync(device)
-                start, images = time.perf_counter(), 0
-                for _ in range(batches):
-                    x, y = next(it)
-                    images += len(y)
-                    yield x, y  # the trainer's step on this batch runs before the generator resumes
-                sync(device)
-                seconds = time.perf_counter() - start
+                images = 0
+                with Clock(device) as robal:
+                    for _ in range(batches):
+                        x, y = next(it)
+                        images += len(y)
+                        yield x, y  # the trainer's step on this batch runs before the generator resumes
                 order = names[r % len(names):] + names[:r % len(names)] if r >= 0 else names
                 for name in order:
-                    sync(device)
-                    t = time.perf_counter()
-                    n = others[name]()
-                    sync(device)
+                    with Clock(device) as clock:
+                        n = others[name]()
                     if r >= 0:
-                        ips[name].append(n / (time.perf_counter() - t))
+                        figures.add(name, clock, n)
                 if r >= 0:
-                    ips["robal"].append(images / seconds)
-                    loads.append(os.getloadavg()[0])
+                    figures.add("robal", robal, images)
+                    figures.loads.append(os.getloadavg()[0])
 
     trainer.loader = Chunked()
     try:
         trainer.train_epoch(0)
     finally:
         trainer.loader, inner.epoch_order = inner, full_order
-    return ips, loads
+    return figures
 
 
 def reference_contender(trainer, framework: str, images: int, device, batch_size: int = 64):
@@ -110,8 +107,16 @@ def kernel_contender(trainer, framework: str, batches: int, device):
     """The forward/backward passes and the optimiser step alone, in robal's memory format, batch and precision."""
     from robal.train.trainer import autocast_for
 
+    from robal.models import build_model
+
     t = trainer.cfg.train
-    model = copy.deepcopy(trainer.model)
+    model = build_model(trainer.model.spec)  # robal's network and weights, built as the Trainer builds it
+    model.load_state_dict(trainer.model.state_dict())
+    model.to(device)
+    if t.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if getattr(t, "compile", False):
+        model.backbone.compile()
     optimizer = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
     fmt = torch.channels_last if t.channels_last else torch.contiguous_format
     bs = trainer.loader.batch_size
@@ -160,19 +165,21 @@ def kernel_contender(trainer, framework: str, batches: int, device):
 
 def main():
     def extra(p):
+        p.add_argument("--frameworks", default="pgd_at,trades", help="which steps to time (default: pgd_at,trades)")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override robal's config (e.g. train.amp=bf16, train.channels_last=false); "
                             "the kernel bound follows it")
 
-    args = parse_args(__doc__.split("\n")[0], default_iters={"preact_resnet18": 7, "resnet18": 2}, extra=extra)
-    batches = 1 if args.quick or args.backbone == "resnet18" else 2
+    args = parse_args(__doc__.split("\n")[0], default_iters={"preact_resnet18": 15, "resnet18": 2}, extra=extra)
+    batches = 1
     print(f"machine: {machine(args.device)}; 1-min load avg at start {os.getloadavg()[0]:.2f}")
     results = {}
     with tmpdir() as tmp:
         tmp = Path(tmp)
         data_path, data_desc = data_file(tmp)
         print(f"data: {data_desc}, CIFAR-10-LT rho 50" + (f"; robal overrides: {args.set}" if args.set else ""))
-        for framework, config in (("pgd_at", "pgd_at.yaml"), ("trades", "trades.yaml")):
+        for framework in args.frameworks.split(","):
+            config = f"{framework}.yaml"
             trainer = robal_trainer(config, data_path, args, tmp / f"run_{framework}")
             images = batches * trainer.loader.batch_size
             others = {"reference": reference_contender(trainer, framework, images, args.device),
@@ -183,8 +190,10 @@ def main():
                      f"step 2/255), {args.backbone} width {args.width} ({n_params / 1e6:.2f}M params), "
                      f"{args.device.type}; robal: batch {t.batch_size}, channels_last={t.channels_last}, "
                      f"amp={t.amp}; reference: batch 64, fp32 NCHW; {images} images per round")
-            ips, loads = timed_epoch(trainer, batches, args.iters, others, args.device)
-            results[framework] = report(title, ips, loads)
+            figures = timed_epoch(trainer, batches, args.iters, others, args.device)
+            results[framework] = report(title, figures)
+    if "pgd_at" not in results:
+        return
     r_ref, r_ker = results["pgd_at"]
     if args.backbone != "preact_resnet18" or args.width != DEFAULT_WIDTH["preact_resnet18"] or args.set:
         print(f"(the line below is for {args.backbone} width {args.width}"

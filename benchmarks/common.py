@@ -198,36 +198,75 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def interleaved(contenders: dict[str, Callable[[], int]], rounds: int, device) -> tuple[dict, list[float]]:
-    """images/s of each contender per round (each call returns the images it processed) and the load per round."""
+class Clock:
+    """Wall-clock and process CPU time of one timed call; images/s on both."""
+
+    def __init__(self, device):
+        self.device = device
+
+    def __enter__(self):
+        sync(self.device)
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        sync(self.device)
+        self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+    def rates(self, images: int) -> tuple[float, float]:
+        return images / self.wall, images / max(self.cpu, 1e-9)
+
+
+class Figures:
+    """Per-round images/s (wall clock) and images per CPU-second of each contender, and the load per round."""
+
+    def __init__(self, names):
+        self.wall = {n: [] for n in names}
+        self.cpu = {n: [] for n in names}
+        self.loads = []
+
+    def add(self, name, clock: Clock, images: int):
+        wall, cpu = clock.rates(images)
+        self.wall[name].append(wall)
+        self.cpu[name].append(cpu)
+
+
+def interleaved(contenders: dict[str, Callable[[], int]], rounds: int, device) -> Figures:
+    """Each contender once per round, in a rotating order; a call returns the images it processed."""
     names = list(contenders)
-    ips, loads = {n: [] for n in names}, []
+    figures = Figures(names)
     for r in range(rounds):
         for n in names[r % len(names):] + names[:r % len(names)]:
-            sync(device)
-            start = time.perf_counter()
-            images = contenders[n]()
-            sync(device)
-            ips[n].append(images / (time.perf_counter() - start))
-        loads.append(os.getloadavg()[0])
-    return ips, loads
+            with Clock(device) as clock:
+                images = contenders[n]()
+            figures.add(n, clock, images)
+        figures.loads.append(os.getloadavg()[0])
+    return figures
 
 
 def paired_ratio(a: list[float], b: list[float]) -> float:
     return statistics.median(x / y for x, y in zip(a, b))
 
 
-def report(title: str, ips: dict, loads: list[float], robal="robal", reference="reference",
+def report(title: str, figures: Figures, robal="robal", reference="reference",
            kernel="kernel-bound") -> tuple[float, float]:
-    """Print one block of figures; returns (robal/reference, robal/kernel-bound)."""
-    print(f"\n{title}  ({len(loads)} round(s); 1-min load avg during them {min(loads):.2f}-{max(loads):.2f})")
-    for name, values in ips.items():
-        print(f"  {name:<28} {statistics.median(values):8.1f} images/s   rounds: "
+    """Print one block of figures; returns (robal/reference, robal/kernel-bound), wall clock, paired medians.
+
+    Images per CPU-second (all threads of this process) are printed beside: on a shared machine they move far
+    less with the load than wall-clock figures, so their ratios are the cross-check."""
+    loads = figures.loads
+    print(f"\n{title}\n  {len(loads)} round(s); 1-min load avg during them {min(loads):.2f}-{max(loads):.2f}")
+    print(f"  {'':<24} {'images/s':>9} {'img/CPU-s':>10}   images/s per round")
+    for name, values in figures.wall.items():
+        print(f"  {name:<24} {statistics.median(values):9.1f} {statistics.median(figures.cpu[name]):10.1f}   "
               + " ".join(f"{v:.1f}" for v in values))
-    r_ref = paired_ratio(ips[robal], ips[reference]) if reference in ips else float("nan")
-    r_ker = paired_ratio(ips[robal], ips[kernel]) if kernel in ips else float("nan")
-    print(f"  robal / reference = {r_ref:.2f}x    robal share of the kernel bound = {r_ker:.2f}")
-    return r_ref, r_ker
+    out = []
+    for label, series in (("wall clock", figures.wall), ("CPU time", figures.cpu)):
+        r_ref = paired_ratio(series[robal], series[reference]) if reference in series else float("nan")
+        r_ker = paired_ratio(series[robal], series[kernel]) if kernel in series else float("nan")
+        print(f"  {label + ':':<12} robal / reference = {r_ref:.2f}x, robal share of the kernel bound = {r_ker:.2f}")
+        out.append((r_ref, r_ker))
+    return out[0]
 
 
 def tmpdir() -> tempfile.TemporaryDirectory:

@@ -9,6 +9,7 @@ move a pixel by a step; there the test compares adversarial predictions and atta
 """
 import copy
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -83,3 +84,21 @@ def test_eval_path_is_the_plain_attack(digits_run, digits_data):
                                                start[i:i + 64])) for i in range(0, len(x), 64)])
     assert 0.05 < (ref != y).float().mean() < 0.95
     assert (preds == ref).float().mean() >= 0.99
+
+
+@pytest.mark.parametrize("model_format", [torch.channels_last, torch.contiguous_format])
+def test_autoattack_takes_channels_last_models_and_images(model_format):
+    """robal eval's images are channels_last-strided (to_images permutes an NHWC array) and the Trainer's models
+    channels_last; pyautoattack reshapes input gradients with .view, so it must get NCHW ones (AutoAttackAdapter).
+    APGD-T alone, on images all classified as labelled, so its gradient check runs."""
+    from robal.models import build_model
+
+    torch.manual_seed(0)
+    spec = {"backbone": "small_cnn", "backbone_args": {"width": 4, "in_channels": 3}, "head": "linear",
+            "head_args": {}, "class_counts": [1] * 4, "class_names": list("abcd"), "mean": [0.5] * 3, "std": [0.25] * 3}
+    model = build_model(spec).eval().to(memory_format=model_format)
+    x = torch.rand(12, 8, 8, 3).permute(0, 3, 1, 2)
+    assert not x.is_contiguous()
+    y = _predict(model, x)
+    preds = attack_predictions("aa:apgd-t", model, x, y, 8 / 255, 2 / 255, batch_size=500, device="cpu")
+    assert preds.shape == y.shape

@@ -79,6 +79,7 @@ class TrainConfig:
     keep_last: int = 2
     amp: str = "auto"                    # auto (bf16 on CUDA, fp32 on CPU) | off | bf16
     channels_last: bool = True
+    compile: bool = False                # torch.compile the backbone (opt-in; docs/performance.md)
     stats_every: int = 10                # clean batch accuracy measured every N batches (costs a forward)
     skip_nonfinite: int = 0              # skip up to N batches with a non-finite loss (no step); stop beyond N
     sync_bn: bool = False                # several ranks (torchrun): BatchNorm on the global batch's statistics

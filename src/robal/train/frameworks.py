@@ -33,6 +33,21 @@ def eval_mode(model):
             m.training = mode
 
 
+@contextlib.contextmanager
+def frozen_parameters(model):
+    """No parameter requires grad while the attack runs, then each its own flag back. The attack takes the input's
+    gradient only: eager autograd skips the weight gradients either way, a compiled backbone (train.compile) only
+    when the parameters say so (docs/performance.md)."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
 @dataclass
 class TrainingAttack:
     """PGD on the inner loss. With a class-wise budget (`train.attack.budget`, see budgets.py) each image gets
@@ -80,7 +95,7 @@ class TrainingAttack:
         if y is None and not target.is_floating_point():
             y = target
         eps, step = self.radius(x, y)
-        with eval_mode(model):
+        with eval_mode(model), frozen_parameters(model):
             return pgd(model.training_logits, x, target, eps, step, self.steps, loss_fn or self.inner_loss(),
                        self.random_start)
 

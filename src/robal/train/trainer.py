@@ -154,6 +154,8 @@ class Trainer:
             self.model.to(memory_format=torch.channels_last)
         if self.ctx.distributed and t.sync_bn:
             distributed.use_global_batchnorm(self.model)
+        if t.compile:  # in place: state_dict keys and checkpoints stay as they are
+            self.model.backbone.compile()
         params = list(TRAINABLE[t.trainable](self.model))
         if t.trainable == "class_scale" and not hasattr(self.model.head, "class_scale"):
             raise ConfigError("train.trainable: class_scale needs the 'lws' head")
