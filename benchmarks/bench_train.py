@@ -77,9 +77,13 @@ def timed_epoch(trainer, batches: int, rounds: int, others: dict, device) -> tup
                     figures.add("robal", robal, images)
                     figures.loads.append(os.getloadavg()[0])
 
+    from robal.train.trainer import TrainingDiverged
+
     trainer.loader = Chunked()
     try:
         trainer.train_epoch(0)
+    except TrainingDiverged as err:  # checked after the timed batches; the timings do not depend on the values
+        print(f"  note: {str(err).split(';')[0]} (a few steps at lr {trainer.cfg.train.lr} from a fresh model)")
     finally:
         trainer.loader, inner.epoch_order = inner, full_order
     return figures
@@ -126,12 +130,17 @@ def kernel_contender(trainer, framework: str, batches: int, device):
     y = torch.randint(10, (bs,), device=device)
     steps = t.attack.steps
 
+    def attack_mode(train: bool):  # the attack's passes: eval mode, input gradient only (as robal's attack)
+        model.train(train)
+        for p in model.parameters():
+            p.requires_grad_(train)
+
     def pgd_at():
         with autocast_for(trainer.device, t.amp):
-            model.eval()
+            attack_mode(False)
             for _ in range(steps):
                 torch.autograd.grad(F.cross_entropy(model.training_logits(x_leaf).float(), y), x_leaf)
-            model.train()
+            attack_mode(True)
             loss = F.cross_entropy(model.training_logits(x_adv).float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -142,10 +151,11 @@ def kernel_contender(trainer, framework: str, batches: int, device):
             model.eval()
             with torch.no_grad():
                 p_nat = F.softmax(model.training_logits(x).float(), 1)
+            attack_mode(False)
             for _ in range(steps):
                 z = model.training_logits(x_leaf).float()
                 torch.autograd.grad(F.kl_div(F.log_softmax(z, 1), p_nat, reduction="sum"), x_leaf)
-            model.train()
+            attack_mode(True)
             z_nat, z_adv = model.training_logits(x).float(), model.training_logits(x_adv).float()
             loss = F.cross_entropy(z_nat, y) + 6.0 * F.kl_div(F.log_softmax(z_adv, 1), F.softmax(z_nat, 1),
                                                                reduction="batchmean")

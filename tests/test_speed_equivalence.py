@@ -86,8 +86,9 @@ def test_eval_path_is_the_plain_attack(digits_run, digits_data):
     assert (preds == ref).float().mean() >= 0.99
 
 
+@pytest.mark.parametrize("images_channels_last", [True, False])
 @pytest.mark.parametrize("model_format", [torch.channels_last, torch.contiguous_format])
-def test_autoattack_takes_channels_last_models_and_images(model_format):
+def test_autoattack_takes_channels_last_models_and_images(model_format, images_channels_last):
     """robal eval's images are channels_last-strided (to_images permutes an NHWC array) and the Trainer's models
     channels_last; pyautoattack reshapes input gradients with .view, so it must get NCHW ones (AutoAttackAdapter).
     APGD-T alone, on images all classified as labelled, so its gradient check runs."""
@@ -98,7 +99,9 @@ def test_autoattack_takes_channels_last_models_and_images(model_format):
             "head_args": {}, "class_counts": [1] * 4, "class_names": list("abcd"), "mean": [0.5] * 3, "std": [0.25] * 3}
     model = build_model(spec).eval().to(memory_format=model_format)
     x = torch.rand(12, 8, 8, 3).permute(0, 3, 1, 2)
-    assert not x.is_contiguous()
+    if not images_channels_last:
+        x = x.contiguous()
+    assert x.is_contiguous() != images_channels_last
     y = _predict(model, x)
     preds = attack_predictions("aa:apgd-t", model, x, y, 8 / 255, 2 / 255, batch_size=500, device="cpu")
     assert preds.shape == y.shape
