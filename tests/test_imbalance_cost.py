@@ -63,3 +63,39 @@ def test_plain_training_has_no_robustness_on_digits(tmp_path):
         robust = (model(x_adv).argmax(1) == y).float().mean().item()
     assert clean > 0.8
     assert robust < 0.03
+
+
+def test_cost_of_imbalance_table_orders_classes_by_long_tailed_counts(tmp_path):
+    """scripts/cost_of_imbalance.py: head-3 / tail-3 are the classes with the most / fewest long-tailed training
+    images, whatever their index, also for a balanced run listed first."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "cost_of_imbalance.py"
+    spec = importlib.util.spec_from_file_location("cost_of_imbalance", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+
+    def result(counts, clean, pgd):
+        return {"class_counts": counts, "n_test": 60, "class_names": list("abcdef"),
+                "attacks": {"clean": {"accuracy": float(np.mean(clean)), "per_class": clean},
+                            "pgd20": {"accuracy": float(np.mean(pgd)), "per_class": pgd}}}
+
+    balanced = result([10] * 6, [60, 50, 40, 30, 20, 10], [6, 5, 4, 3, 2, 1])
+    long_tailed = result([5, 50, 20, 100, 1, 2], [10, 80, 40, 90, 0, 20], [1, 8, 4, 9, 0, 2])
+    files = []
+    for name, r in (("bal", balanced), ("lt", long_tailed)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(r))
+        files.append(f"{name}={tmp_path / name}.json")
+    runs = script.load_runs(files)
+    order, counts = script.class_order(runs)
+    assert list(order) == [3, 1, 2, 0, 5, 4] and counts == long_tailed["class_counts"]
+    rows = [[c.strip() for c in line.strip("| ").split("|")] for line in script.table(runs, order).splitlines()[2:]]
+    # balanced: head = classes 3,1,2 -> clean (30+50+40)/3, tail = classes 0,5,4 -> (60+10+20)/3
+    assert rows[0][3:5] == ["40.00", "30.00"] and rows[0][6:8] == ["4.00", "3.00"]
+    assert rows[1][3:5] == ["70.00", "10.00"] and rows[1][6:8] == ["7.00", "1.00"]
+    script.write_plot(runs, order, counts, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").stat().st_size > 1000
+    with pytest.raises(SystemExit, match="LABEL=EVAL_JSON"):
+        script.load_runs([str(tmp_path / "bal.json")])

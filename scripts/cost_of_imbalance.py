@@ -1,0 +1,99 @@
+"""The cost of imbalance (paper, observation 1): per-class clean and robust accuracy of several runs.
+
+    python scripts/cost_of_imbalance.py --out docs/results/cost_of_imbalance \
+        "Plain, balanced=docs/results/plain_balanced.eval_300.json" \
+        "Plain, long-tailed=docs/results/plain.eval_300.json" ...
+
+Each argument is LABEL=EVAL_JSON (written by `robal eval`). Classes are ordered by the training counts of the
+first long-tailed run given (a run whose class counts differ), head to tail. Writes OUT.png (one panel per
+accuracy: clean and PGD-20) and OUT.md (overall, head-three and tail-three accuracy of every run).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from robal.evaluate.plots import new_figure
+from robal.evaluate.report import md_table
+
+PANELS = [("clean", "clean"), ("pgd20", "PGD-20")]
+GROUP = 3
+
+
+def load_runs(pairs: list[str]) -> list[tuple[str, dict]]:
+    runs = []
+    for pair in pairs:
+        label, sep, path = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"cost_of_imbalance: expected LABEL=EVAL_JSON, got {pair!r}")
+        result = json.loads(Path(path).read_text())
+        missing = [a for a, _ in PANELS if a not in result["attacks"]]
+        if missing:
+            raise SystemExit(f"cost_of_imbalance: {path} has no {missing} results (run robal eval --attacks clean,pgd20)")
+        runs.append((label, result))
+    return runs
+
+
+def class_order(runs: list[tuple[str, dict]]) -> tuple[np.ndarray, list[int]]:
+    """Classes from most to fewest training images of the first long-tailed run, and those counts."""
+    counts = next((r["class_counts"] for _, r in runs if len(set(r["class_counts"])) > 1), runs[0][1]["class_counts"])
+    return np.argsort(counts, kind="stable")[::-1], counts
+
+
+def per_class(result: dict, attack: str, order: np.ndarray) -> np.ndarray:
+    return np.asarray(result["attacks"][attack]["per_class"])[order]
+
+
+def write_plot(runs, order, counts, path: Path) -> Path:
+    fig, axes = new_figure(11.0, 4.0, ncols=len(PANELS))
+    names = runs[0][1].get("class_names") or [str(c) for c in range(len(order))]
+    ticks = [f"{names[c][:8]}\n{counts[c]}" for c in order]
+    for ax, (attack, title) in zip(axes, PANELS):
+        for label, result in runs:
+            ax.plot(np.arange(len(order)), per_class(result, attack, order), marker="o", label=label)
+        ax.set_xticks(np.arange(len(order)), ticks, fontsize=7)
+        ax.set_ylim(-2, 102)
+        ax.set_ylabel("accuracy (%)")
+        ax.set_title(f"{title} accuracy per class (n_test {runs[0][1]['n_test']})")
+        ax.grid(alpha=0.3)
+    axes[0].set_xlabel("class, long-tailed training count (head to tail)")
+    axes[0].legend(fontsize=8)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def table(runs, order) -> str:
+    header = ["run", "n_test"]
+    for _, title in PANELS:
+        header += [f"{title} overall", f"{title} head-{GROUP}", f"{title} tail-{GROUP}"]
+    rows = []
+    for label, result in runs:
+        row = [label, result["n_test"]]
+        for attack, _ in PANELS:
+            acc = per_class(result, attack, order)
+            row += [f"{result['attacks'][attack]['accuracy']:.2f}", f"{acc[:GROUP].mean():.2f}",
+                    f"{acc[-GROUP:].mean():.2f}"]
+        rows.append(row)
+    return md_table(header, rows)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("runs", nargs="+", metavar="LABEL=EVAL_JSON")
+    p.add_argument("--out", required=True, help="writes OUT.png and OUT.md")
+    args = p.parse_args()
+    runs = load_runs(args.runs)
+    order, counts = class_order(runs)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_plot(runs, order, counts, out.with_suffix(".png"))
+    text = table(runs, order)
+    out.with_suffix(".md").write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
