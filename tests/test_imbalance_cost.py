@@ -65,15 +65,15 @@ def test_plain_training_has_no_robustness_on_digits(tmp_path):
     assert robust < 0.03
 
 
-def test_cost_of_imbalance_table_orders_classes_by_long_tailed_counts(tmp_path):
-    """scripts/cost_of_imbalance.py: head-3 / tail-3 are the classes with the most / fewest long-tailed training
+def test_per_class_comparison_orders_classes_by_long_tailed_counts(tmp_path):
+    """scripts/compare_per_class.py: head-3 / tail-3 are the classes with the most / fewest long-tailed training
     images, whatever their index, also for a balanced run listed first."""
     import importlib.util
     import json
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "cost_of_imbalance.py"
-    spec = importlib.util.spec_from_file_location("cost_of_imbalance", path)
+    path = Path(__file__).resolve().parents[1] / "scripts" / "compare_per_class.py"
+    spec = importlib.util.spec_from_file_location("compare_per_class", path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
 

@@ -1,6 +1,6 @@
-"""The cost of imbalance (paper, observation 1): per-class clean and robust accuracy of several runs.
+"""Per-class clean and PGD-20 accuracy of several runs, side by side (the cost-of-imbalance figure, RoBal vs PGD-AT).
 
-    python scripts/cost_of_imbalance.py --out docs/results/cost_of_imbalance \
+    python scripts/compare_per_class.py --out docs/results/cost_of_imbalance \
         "Plain, balanced=docs/results/plain_balanced.eval_300.json" \
         "Plain, long-tailed=docs/results/plain.eval_300.json" ...
 
@@ -28,11 +28,11 @@ def load_runs(pairs: list[str]) -> list[tuple[str, dict]]:
     for pair in pairs:
         label, sep, path = pair.partition("=")
         if not sep:
-            raise SystemExit(f"cost_of_imbalance: expected LABEL=EVAL_JSON, got {pair!r}")
+            raise SystemExit(f"compare_per_class: expected LABEL=EVAL_JSON, got {pair!r}")
         result = json.loads(Path(path).read_text())
         missing = [a for a, _ in PANELS if a not in result["attacks"]]
         if missing:
-            raise SystemExit(f"cost_of_imbalance: {path} has no {missing} results (run robal eval --attacks clean,pgd20)")
+            raise SystemExit(f"compare_per_class: {path} has no {missing} results (run robal eval --attacks clean,pgd20)")
         runs.append((label, result))
     return runs
 
