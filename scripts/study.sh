@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every CPU-reference row of the study (CIFAR-10-LT rho 50, DESIGN.md section 3), resumable:
 #   - train the run if runs/cifar10_lt/NAME/model.pt is missing (post-hoc rows: `robal adjust` of the PGD-AT run;
-#     fine-tune rows start from it, so pgd_at comes first),
+#     fine-tune rows start from it, so pgd_at comes first), or copy docs/results/models/NAME.pt, the weights
+#     an earlier session committed, when it exists,
 #   - clean + PGD-20 on all 10,000 test images      -> runs/cifar10_lt/NAME/eval_full.json
 #   - AutoAttack (aa-paper, aa) on the fixed stratified 1,000-image subset -> runs/cifar10_lt/NAME/eval_aa.json
 #   - copy both JSONs to docs/results/NAME.eval_full.json, NAME.eval_aa.json; reports in docs/results/study_*.md.
@@ -51,6 +52,9 @@ produce() {  # train (or adjust) the run of row $1 if its model is missing
   local name=$1 out=$RUNS/$1
   if [ -f "$out/model.pt" ]; then
     echo "= $out/model.pt exists"
+  elif [ -f "$RESULTS/models/$name.pt" ]; then   # weights committed by an earlier session
+    run mkdir -p "$out"
+    run cp "$RESULTS/models/$name.pt" "$out/model.pt"
   elif [ -f "$CONFIGS/$name.yaml" ]; then
     run "$ROBAL" train "$CONFIGS/$name.yaml" --out "$out" --resume auto --quiet
   elif [ -f "$CONFIGS/posthoc/$name.yaml" ]; then

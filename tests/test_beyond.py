@@ -2,6 +2,8 @@
 budgets, balanced robustness and the imbalance-ratio sweep. Losses against hand computations, the batch
 augmentation's invariants, per-image radii, and a short training run of every new config on digits."""
 import math
+import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -392,3 +394,19 @@ def test_sweep_and_study_scripts_list_their_runs():
                            capture_output=True, text=True).stdout
     for stem in NEW:
         assert f"runs/cifar10_lt/{stem}" in study
+
+
+def test_study_reuses_committed_weights(tmp_path):
+    """A row whose weights are committed under docs/results/models/ is copied, not retrained."""
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(ROOT / "scripts/study.sh", tmp_path / "scripts/study.sh")
+    (tmp_path / "configs/cifar10_lt").mkdir(parents=True)
+    for name in ("kept", "fresh"):
+        (tmp_path / f"configs/cifar10_lt/{name}.yaml").write_text("base: pgd_at.yaml\n")
+    (tmp_path / "docs/results/models").mkdir(parents=True)
+    (tmp_path / "docs/results/models/kept.pt").write_bytes(b"weights")
+    out = subprocess.run(["bash", str(tmp_path / "scripts/study.sh"), "--dry-run", "kept", "fresh"],
+                         check=True, capture_output=True, text=True, env={**os.environ, "ROBAL": "robal"}).stdout
+    assert "+ cp docs/results/models/kept.pt runs/cifar10_lt/kept/model.pt" in out
+    assert "train configs/cifar10_lt/kept.yaml" not in out
+    assert "+ robal train configs/cifar10_lt/fresh.yaml --out runs/cifar10_lt/fresh" in out
