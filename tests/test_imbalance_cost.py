@@ -97,5 +97,11 @@ def test_per_class_comparison_orders_classes_by_long_tailed_counts(tmp_path):
     assert rows[1][3:5] == ["70.00", "10.00"] and rows[1][6:8] == ["7.00", "1.00"]
     script.write_plot(runs, order, counts, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").stat().st_size > 1000
+    clean_only = [[c.strip() for c in line.strip("| ").split("|")]
+                  for line in script.table(runs, order, attacks=("clean",)).splitlines()]
+    assert clean_only[0] == ["run", "n_test", "clean overall", "clean head-3", "clean tail-3"]
+    assert clean_only[3][2:] == [f"{np.mean(long_tailed['attacks']['clean']['per_class']):.2f}", "70.00", "10.00"]
+    with pytest.raises(SystemExit, match="no \\['aa'\\] results"):
+        script.load_runs(files, attacks=("clean", "aa"))
     with pytest.raises(SystemExit, match="LABEL=EVAL_JSON"):
         script.load_runs([str(tmp_path / "bal.json")])
