@@ -109,6 +109,7 @@ def reference_contender(trainer, framework: str, images: int, device, batch_size
 
 def kernel_contender(trainer, framework: str, batches: int, device):
     """The forward/backward passes and the optimiser step alone, in robal's memory format, batch and precision."""
+    from robal.train.frameworks import frozen_parameters
     from robal.train.trainer import autocast_for
 
     from robal.models import build_model
@@ -130,17 +131,13 @@ def kernel_contender(trainer, framework: str, batches: int, device):
     y = torch.randint(10, (bs,), device=device)
     steps = t.attack.steps
 
-    def attack_mode(train: bool):  # the attack's passes: eval mode, input gradient only (as robal's attack)
-        model.train(train)
-        for p in model.parameters():
-            p.requires_grad_(train)
-
     def pgd_at():
         with autocast_for(trainer.device, t.amp):
-            attack_mode(False)
-            for _ in range(steps):
-                torch.autograd.grad(F.cross_entropy(model.training_logits(x_leaf).float(), y), x_leaf)
-            attack_mode(True)
+            model.eval()
+            with frozen_parameters(model):  # input gradient only, as robal's attack
+                for _ in range(steps):
+                    torch.autograd.grad(F.cross_entropy(model.training_logits(x_leaf).float(), y), x_leaf)
+            model.train()
             loss = F.cross_entropy(model.training_logits(x_adv).float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -151,11 +148,11 @@ def kernel_contender(trainer, framework: str, batches: int, device):
             model.eval()
             with torch.no_grad():
                 p_nat = F.softmax(model.training_logits(x).float(), 1)
-            attack_mode(False)
-            for _ in range(steps):
-                z = model.training_logits(x_leaf).float()
-                torch.autograd.grad(F.kl_div(F.log_softmax(z, 1), p_nat, reduction="sum"), x_leaf)
-            attack_mode(True)
+            with frozen_parameters(model):
+                for _ in range(steps):
+                    z = model.training_logits(x_leaf).float()
+                    torch.autograd.grad(F.kl_div(F.log_softmax(z, 1), p_nat, reduction="sum"), x_leaf)
+            model.train()
             z_nat, z_adv = model.training_logits(x).float(), model.training_logits(x_adv).float()
             loss = F.cross_entropy(z_nat, y) + 6.0 * F.kl_div(F.log_softmax(z_adv, 1), F.softmax(z_nat, 1),
                                                                reduction="batchmean")
