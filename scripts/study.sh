@@ -2,26 +2,34 @@
 # Every CPU-reference row of the study (CIFAR-10-LT rho 50, DESIGN.md section 3), resumable:
 #   - train the run if runs/cifar10_lt/NAME/model.pt is missing (post-hoc rows: `robal adjust` of the PGD-AT run;
 #     fine-tune rows start from it, so pgd_at comes first), or copy docs/results/models/NAME.pt, the weights
-#     an earlier session committed, when it exists,
-#   - clean + PGD-20 on all 10,000 test images      -> runs/cifar10_lt/NAME/eval_full.json
-#   - AutoAttack (aa-paper, aa) on the fixed stratified 1,000-image subset -> runs/cifar10_lt/NAME/eval_aa.json
-#   - copy both JSONs to docs/results/NAME.eval_full.json, NAME.eval_aa.json; reports in docs/results/study_*.md.
+#     an earlier session committed, when it exists; a row NAME_seedN is NAME.yaml trained with --set seed=N,
+#   - evaluate, each evaluation skipped when its JSON exists, and copy the JSONs to docs/results/NAME.KIND.json:
+#       full protocol (default), the sizes of issue 9:
+#         eval_full: clean + PGD-20 on all 10,000 test images
+#         eval_aa:   AutoAttack (aa-paper, aa) on the fixed stratified 1,000-image subset
+#       --cpu-protocol, what a 2-core session affords (about 5 minutes per row at one thread):
+#         eval_clean_10k: clean on all 10,000 test images
+#         eval_300:       clean, PGD-20, AA-paper and the reliability checks on the stratified 300-image subset
+#   - one `robal report` table per evaluation kind: docs/results/study_KIND.md.
 # Results that exist are skipped, so the script can be stopped and started again.
 #
-#   scripts/study.sh [--dry-run] [NAME ...]     # default: every row; --dry-run prints the commands only
+#   scripts/study.sh [--dry-run] [--cpu-protocol] [NAME ...]   # default: every row; --dry-run: print commands only
 #
 # Rows: every configs/cifar10_lt/*.yaml (paper Tables 1-2, the balanced controls, and the later methods AT-BSL,
-# AT-BSL-AuA, REAT, TAET, class-wise eps) and configs/cifar10_lt/posthoc/*.yaml. The ratio sweep is
-# scripts/ratio_sweep.sh. Set ROBAL to choose the executable (default .venv/bin/robal, else robal on PATH).
+# AT-BSL-AuA, REAT, TAET, class-wise eps), the seed repeats of PGD-AT and RoBal-N, and
+# configs/cifar10_lt/posthoc/*.yaml. The ratio sweep is scripts/ratio_sweep.sh.
+# Set ROBAL to choose the executable (default .venv/bin/robal, else robal on PATH).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DRY=0
+PROTOCOL=full
 ROWS=()
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY=1 ;;
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    --cpu-protocol) PROTOCOL=cpu ;;
+    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
     *) ROWS+=("$arg") ;;
   esac
 done
@@ -43,6 +51,7 @@ if [ ${#ROWS[@]} -eq 0 ]; then
     n=$(basename "$f" .yaml)
     case "$n" in pgd_at|finetune_*) ;; *) ROWS+=("$n") ;; esac
   done
+  ROWS+=(pgd_at_seed1 pgd_at_seed2 robal_n_seed1 robal_n_seed2)
   for f in "$CONFIGS"/finetune_*.yaml "$CONFIGS"/posthoc/*.yaml; do
     [ -f "$f" ] && ROWS+=("$(basename "$f" .yaml)")
   done
@@ -50,6 +59,10 @@ fi
 
 produce() {  # train (or adjust) the run of row $1 if its model is missing
   local name=$1 out=$RUNS/$1
+  case "$name" in   # these rows start from the PGD-AT run
+    finetune_*) produce pgd_at ;;
+    *) if [ -f "$CONFIGS/posthoc/$name.yaml" ]; then produce pgd_at; fi ;;
+  esac
   if [ -f "$out/model.pt" ]; then
     echo "= $out/model.pt exists"
   elif [ -f "$RESULTS/models/$name.pt" ]; then   # weights committed by an earlier session
@@ -57,6 +70,9 @@ produce() {  # train (or adjust) the run of row $1 if its model is missing
     run cp "$RESULTS/models/$name.pt" "$out/model.pt"
   elif [ -f "$CONFIGS/$name.yaml" ]; then
     run "$ROBAL" train "$CONFIGS/$name.yaml" --out "$out" --resume auto --quiet
+  elif [[ "$name" =~ ^(.+)_seed([0-9]+)$ ]] && [ -f "$CONFIGS/${BASH_REMATCH[1]}.yaml" ]; then
+    run "$ROBAL" train "$CONFIGS/${BASH_REMATCH[1]}.yaml" --set "seed=${BASH_REMATCH[2]}" --out "$out" \
+      --resume auto --quiet
   elif [ -f "$CONFIGS/posthoc/$name.yaml" ]; then
     run "$ROBAL" adjust "$RUNS/pgd_at" --inference-file "$CONFIGS/posthoc/$name.yaml" --out "$out/model.pt"
   else
@@ -65,33 +81,53 @@ produce() {  # train (or adjust) the run of row $1 if its model is missing
   fi
 }
 
-evaluate() {  # the two evaluations of row $1, each skipped when its JSON exists, then copied to docs/results
-  local name=$1 out=$RUNS/$1
-  if [ -f "$out/eval_full.json" ]; then echo "= $out/eval_full.json exists"; else
-    run "$ROBAL" eval "$out" --attacks clean,pgd20 --json "$out/eval_full.json"
-  fi
-  if [ -f "$out/eval_aa.json" ]; then echo "= $out/eval_aa.json exists"; else
-    run "$ROBAL" eval "$out" --attacks aa-paper,aa --n-test 1000 --json "$out/eval_aa.json"
-  fi
-  if [ "$DRY" = 0 ]; then
-    mkdir -p "$RESULTS"
-    for kind in eval_full eval_aa; do
-      if [ -f "$out/$kind.json" ]; then cp "$out/$kind.json" "$RESULTS/$name.$kind.json"; fi
-    done
-  fi
+if [ "$PROTOCOL" = full ]; then
+  KINDS=(eval_full eval_aa)
+else
+  KINDS=(eval_clean_10k eval_300)
+fi
+
+eval_args() {  # the `robal eval` arguments of evaluation kind $1
+  case "$1" in
+    eval_full) echo "--attacks clean,pgd20" ;;
+    eval_aa) echo "--attacks aa-paper,aa --n-test 1000" ;;
+    eval_clean_10k) echo "--attacks clean --checks none" ;;
+    eval_300) echo "--attacks clean,pgd20,aa-paper --n-test 300" ;;
+  esac
+}
+
+evaluate() {  # the evaluations of row $1, each skipped when its JSON is in docs/results (committed or copied)
+  local name=$1 out=$RUNS/$1 kind
+  for kind in "${KINDS[@]}"; do
+    if [ -f "$RESULTS/$name.$kind.json" ]; then echo "= $RESULTS/$name.$kind.json exists"; continue; fi
+    if [ ! -f "$out/$kind.json" ]; then
+      # shellcheck disable=SC2046
+      run "$ROBAL" eval "$out" $(eval_args "$kind") --json "$out/$kind.json"
+    fi
+    if [ "$DRY" = 0 ]; then
+      mkdir -p "$RESULTS"
+      cp "$out/$kind.json" "$RESULTS/$name.$kind.json"
+    fi
+  done
+}
+
+needs_run() {  # 0 when row $1 lacks an evaluation JSON in docs/results
+  local kind
+  for kind in "${KINDS[@]}"; do [ -f "$RESULTS/$1.$kind.json" ] || return 0; done
+  return 1
 }
 
 for name in "${ROWS[@]}"; do
   echo "== $name"
-  produce "$name"
+  if needs_run "$name"; then produce "$name"; fi
   evaluate "$name"
 done
 
 if [ "$DRY" = 0 ]; then
-  for kind in eval_full eval_aa; do
+  for kind in "${KINDS[@]}"; do
     done_runs=()
     for name in "${ROWS[@]}"; do
-      if [ -f "$RUNS/$name/$kind.json" ]; then done_runs+=("$RUNS/$name/$kind.json"); fi
+      if [ -f "$RESULTS/$name.$kind.json" ]; then done_runs+=("$RESULTS/$name.$kind.json"); fi
     done
     if [ ${#done_runs[@]} -gt 0 ]; then "$ROBAL" report "${done_runs[@]}" --out "$RESULTS/study_${kind#eval_}.md"; fi
   done

@@ -410,3 +410,34 @@ def test_study_reuses_committed_weights(tmp_path):
     assert "+ cp docs/results/models/kept.pt runs/cifar10_lt/kept/model.pt" in out
     assert "train configs/cifar10_lt/kept.yaml" not in out
     assert "+ robal train configs/cifar10_lt/fresh.yaml --out runs/cifar10_lt/fresh" in out
+
+
+def test_study_seed_rows_and_cpu_protocol(tmp_path):
+    """NAME_seedN trains NAME.yaml with that seed; --cpu-protocol runs the two cheap evaluations; a row whose
+    JSON is already in docs/results is neither retrained nor re-evaluated; post-hoc rows bring PGD-AT first."""
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(ROOT / "scripts/study.sh", tmp_path / "scripts/study.sh")
+    (tmp_path / "configs/cifar10_lt/posthoc").mkdir(parents=True)
+    for name in ("pgd_at", "robal_n", "done"):
+        (tmp_path / f"configs/cifar10_lt/{name}.yaml").write_text("base: pgd_at.yaml\n")
+    (tmp_path / "configs/cifar10_lt/posthoc/la.yaml").write_text("inference: []\n")
+    (tmp_path / "docs/results").mkdir(parents=True)
+    for kind in ("eval_clean_10k", "eval_300"):
+        (tmp_path / f"docs/results/done.{kind}.json").write_text("{}")
+    out = subprocess.run(["bash", str(tmp_path / "scripts/study.sh"), "--dry-run", "--cpu-protocol",
+                          "robal_n_seed2", "done", "la"],
+                         check=True, capture_output=True, text=True, env={**os.environ, "ROBAL": "robal"}).stdout
+    seed_run = "runs/cifar10_lt/robal_n_seed2"
+    assert f"+ robal train configs/cifar10_lt/robal_n.yaml --set seed=2 --out {seed_run}" in out
+    assert (f"+ robal eval {seed_run} --attacks clean --checks none "
+            f"--json {seed_run}/eval_clean_10k.json") in out
+    assert f"+ robal eval {seed_run} --attacks clean,pgd20,aa-paper --n-test 300 --json {seed_run}/eval_300.json" in out
+    assert "eval_full" not in out and "aa-paper,aa" not in out
+    assert "configs/cifar10_lt/done.yaml" not in out and "runs/cifar10_lt/done " not in out
+    assert "= docs/results/done.eval_300.json exists" in out
+    la = out[out.index("== la"):]
+    assert la.index("train configs/cifar10_lt/pgd_at.yaml") < la.index("+ robal adjust runs/cifar10_lt/pgd_at")
+    full = subprocess.run(["bash", str(tmp_path / "scripts/study.sh"), "--dry-run", "robal_n_seed2"],
+                          check=True, capture_output=True, text=True, env={**os.environ, "ROBAL": "robal"}).stdout
+    assert f"--attacks clean,pgd20 --json {seed_run}/eval_full.json" in full
+    assert f"--attacks aa-paper,aa --n-test 1000 --json {seed_run}/eval_aa.json" in full

@@ -111,6 +111,16 @@ def test_report_table_parses(normal, masked, tmp_path, capsys):
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_report_names_a_copied_json_after_its_file(normal, tmp_path, capsys):
+    """study.sh copies each run's JSON to docs/results/NAME.KIND.json, away from the run's config.yaml."""
+    copied = tmp_path / "results" / "robal_n_seed1.eval_300.json"
+    copied.parent.mkdir()
+    copied.write_text((normal[0] / "eval.json").read_text())
+    assert main(["report", str(copied), str(normal[0])]) == 0
+    rows = parse_table(capsys.readouterr().out)
+    assert [r["Method"] for r in rows] == ["robal_n_seed1", "digits_lt_pgd_at"]
+
+
 def test_report_of_a_run_without_eval_is_an_error(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "eval.json" in capsys.readouterr().err

@@ -88,11 +88,14 @@ def eval_json_path(run: str | Path) -> Path:
     return path
 
 
-def method_name(result: dict, run_dir: Path) -> str:
-    """The run's config name (else its folder), plus any inference adjustments set at evaluation."""
-    config = run_dir / "config.yaml"
+def method_name(result: dict, path: Path) -> str:
+    """The run's config name (else the NAME of a copied `NAME.KIND.json`, else the run's folder), plus any
+    inference adjustments set at evaluation."""
+    config = path.parent / "config.yaml"
     name = (yaml.safe_load(config.read_text()) or {}).get("name") if config.is_file() else None
-    name = name or run_dir.name
+    if not name and path.name != "eval.json":
+        name = path.name.split(".")[0]
+    name = name or path.parent.name
     if result.get("inference_overridden"):
         name += " + " + (", ".join(i.get("name", "?") for i in result.get("inference") or []) or "no adjustment")
     return name
@@ -110,7 +113,7 @@ def report_row(run: str | Path) -> dict:
     (clean, clean_se), (pgd, pgd_se), (aa_acc, aa_se) = acc("clean"), acc("pgd20"), acc(aa)
     checks = result.get("checks") or []
     flags = [f"{c['name']} ({c['status']})" for c in checks if c["status"] != "pass"]
-    return {"method": method_name(result, path.parent), "run": str(path), "n_test": result["n_test"],
+    return {"method": method_name(result, path), "run": str(path), "n_test": result["n_test"],
             "clean": clean, "clean_se": clean_se, "pgd": pgd, "pgd_se": pgd_se, "aa": aa_acc, "aa_se": aa_se,
             "aa_version": aa, "gap": None if clean is None or aa_acc is None else clean - aa_acc,
             "flags": flags if checks else ["unchecked"]}
