@@ -121,6 +121,29 @@ def test_report_names_a_copied_json_after_its_file(normal, tmp_path, capsys):
     assert [r["Method"] for r in rows] == ["robal_n_seed1", "digits_lt_pgd_at"]
 
 
+def test_report_baseline_flags_a_pgd_gain_autoattack_does_not_confirm(normal, masked, tmp_path, capsys):
+    """The rescaled run's PGD-20 gain over its own unscaled model, minus its AA gain, by hand from the JSONs."""
+    assert main(["report", str(normal[0]), str(masked[0]), "--baseline", str(normal[0])]) == 0
+    rows = parse_table(capsys.readouterr().out)
+    column = next(k for k in rows[0] if k.startswith("vs digits_lt_pgd_at"))
+    acc = [{a: r["attacks"][a]["accuracy"] for a in ("pgd20", "aa-paper")} for r in (normal[1], masked[1])]
+    pgd_gain, aa_gain = (acc[1][a] - acc[0][a] for a in ("pgd20", "aa-paper"))
+    assert pgd_gain > 5
+    assert rows[0][column].startswith("+0.00 / +0.00: +0.00 (noise 0.00) pass")
+    assert rows[1][column].startswith(f"{pgd_gain:+.2f} / {aa_gain:+.2f}: {pgd_gain - aa_gain:+.2f} (noise ")
+    assert rows[1][column].endswith("fail")
+
+
+def test_report_baseline_on_other_images_is_not_compared(normal, digits_run, tmp_path, capsys):
+    other = tmp_path / "other.json"
+    assert main(["eval", str(digits_run[0]), "--attacks", "clean,pgd20,aa-paper", "--n-test", "30",
+                 "--checks", "none", "--json", str(other)]) == 0
+    capsys.readouterr()
+    assert main(["report", str(other), "--baseline", str(normal[0])]) == 0
+    row = parse_table(capsys.readouterr().out)[0]
+    assert row[next(k for k in row if k.startswith("vs "))] == "—"
+
+
 def test_report_of_a_run_without_eval_is_an_error(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "eval.json" in capsys.readouterr().err

@@ -183,13 +183,16 @@ def _add_report(sub):
     p = sub.add_parser("report", help="one table across evaluated runs (Clean, PGD-20, AA, gap, flags)")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (their eval.json) or eval JSON files")
     p.add_argument("--out", help="write the table to this Markdown file, and a clean-vs-AA plot beside it (.png)")
+    p.add_argument("--baseline", metavar="RUN_DIR",
+                   help="a baseline run (or eval JSON), e.g. PGD-AT: add each row's PGD-20 and AA gains over it and "
+                        "flag PGD-20 gains that AutoAttack does not confirm")
     p.set_defaults(func=cmd_report)
 
 
 def cmd_report(args) -> int:
     from .evaluate.report import write_report
 
-    print(write_report(args.runs, args.out), end="")
+    print(write_report(args.runs, args.out, args.baseline), end="")
     if args.out:
         print(f"wrote {args.out} and {Path(args.out).with_suffix('.png')}")
     return 0

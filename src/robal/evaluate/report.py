@@ -12,6 +12,7 @@ import numpy as np
 import yaml
 
 from .attacks import is_autoattack
+from .checks import FAKE_GAIN, grade, paired_noise
 from .metrics import strongest
 from .plots import report_plot, write_eval_plots
 
@@ -101,11 +102,19 @@ def method_name(result: dict, path: Path) -> str:
     return name
 
 
-def report_row(run: str | Path) -> dict:
+def read_eval(run: str | Path) -> tuple[Path, dict]:
     path = eval_json_path(run)
-    result = json.loads(path.read_text())
+    return path, json.loads(path.read_text())
+
+
+def autoattack_of(result: dict) -> str | None:
     attacks = result["attacks"]
-    aa = strongest(attacks, [a for a in attacks if is_autoattack(a)])
+    return strongest(attacks, [a for a in attacks if is_autoattack(a)])
+
+
+def report_row(path: Path, result: dict) -> dict:
+    attacks = result["attacks"]
+    aa = autoattack_of(result)
 
     def acc(name):
         return (attacks[name]["accuracy"], attacks[name]["std_error"]) if name in attacks else (None, None)
@@ -119,20 +128,68 @@ def report_row(run: str | Path) -> dict:
             "flags": flags if checks else ["unchecked"]}
 
 
-def report_markdown(rows: list[dict]) -> str:
-    table = md_table(["Method", "Clean", "PGD-20", "AA", "Gap", "Flags", "AA version", "n_test", "Run"],
-                     [[r["method"], with_se(r["clean"], r["clean_se"]), with_se(r["pgd"], r["pgd_se"]),
-                       with_se(r["aa"], r["aa_se"]), f2(r["gap"]), ", ".join(r["flags"]) or "none",
-                       r["aa_version"] or DASH, r["n_test"], f"`{r['run']}`"] for r in rows])
+def correct(result: dict, attack: str) -> np.ndarray:
+    return np.asarray(result["attacks"][attack]["predictions"]) == np.asarray(result["labels"])
+
+
+def gain_over_baseline(result: dict, baseline: dict) -> dict | None:
+    """The method's PGD-20 gain over the baseline minus its AutoAttack gain, on the same images: robustness that
+    PGD-20 credits and AutoAttack does not, beyond the baseline's own PGD-20 - AA gap. Graded like `fake_gain`
+    (FAKE_GAIN points and the paired noise). None when the two evaluations did not attack the same images with
+    PGD-20 and the same AutoAttack."""
+    aa = autoattack_of(result)
+    comparable = (aa is not None and aa == autoattack_of(baseline)
+                  and all("pgd20" in r["attacks"] for r in (result, baseline))
+                  and result["labels"] == baseline["labels"]
+                  and (result["n_test"], result.get("test_indices_seed")) == (baseline["n_test"],
+                                                                             baseline.get("test_indices_seed")))
+    if not comparable:
+        return None
+    method_gap = correct(result, "pgd20").astype(int) - correct(result, aa)
+    base_gap = correct(baseline, "pgd20").astype(int) - correct(baseline, aa)
+    excess = 100 * float(method_gap.mean() - base_gap.mean())
+    noise = paired_noise(method_gap, base_gap)
+    pct = lambda r, a: 100 * float(correct(r, a).mean())  # noqa: E731
+    return {"pgd_gain": pct(result, "pgd20") - pct(baseline, "pgd20"), "aa_gain": pct(result, aa) - pct(baseline, aa),
+            "excess": excess, "noise": noise, "status": grade(excess, noise, FAKE_GAIN)}
+
+
+def baseline_cell(gain: dict | None) -> str:
+    if gain is None:
+        return DASH
+    return (f"{gain['pgd_gain']:+.2f} / {gain['aa_gain']:+.2f}: {gain['excess']:+.2f} "
+            f"(noise {gain['noise']:.2f}) {gain['status']}")
+
+
+def report_markdown(rows: list[dict], baseline: str | None = None) -> str:
+    header = ["Method", "Clean", "PGD-20", "AA", "Gap", "Flags", "AA version", "n_test", "Run"]
+    cells = [[r["method"], with_se(r["clean"], r["clean_se"]), with_se(r["pgd"], r["pgd_se"]),
+              with_se(r["aa"], r["aa_se"]), f2(r["gap"]), ", ".join(r["flags"]) or "none",
+              r["aa_version"] or DASH, r["n_test"], f"`{r['run']}`"] for r in rows]
+    intro = "Accuracy (%) ± standard error; Gap = Clean - AA; Flags = reliability checks that did not pass."
+    if baseline is not None:
+        header.insert(6, f"vs {baseline}: PGD-20 gain / AA gain: excess")
+        for row, r in zip(cells, rows):
+            row.insert(6, baseline_cell(r["vs_baseline"]))
+        intro += (f" vs {baseline}: gains over the baseline on the same images, and the PGD-20 gain that AutoAttack "
+                  f"does not confirm (excess, graded like fake_gain: warn above {FAKE_GAIN[0]:g}, fail above "
+                  f"{FAKE_GAIN[1]:g} points and the noise).")
     notes = [f"`{k}` = {v}" for k, v in AA_DESCRIPTION.items() if any(r["aa_version"] == k for r in rows)]
-    return ("Accuracy (%) ± standard error; Gap = Clean - AA; Flags = reliability checks that did not pass."
-            + (" AA: " + "; ".join(notes) + "." if notes else "") + "\n\n" + table + "\n")
+    return intro + (" AA: " + "; ".join(notes) + "." if notes else "") + "\n\n" + md_table(header, cells) + "\n"
 
 
-def write_report(runs: list[str | Path], out: str | Path | None = None) -> str:
-    """The report's Markdown; with `out`, also written there, with the plot beside it (same stem, .png)."""
-    rows = [report_row(r) for r in runs]
-    text = report_markdown(rows)
+def write_report(runs: list[str | Path], out: str | Path | None = None, baseline: str | Path | None = None) -> str:
+    """The report's Markdown; with `out`, also written there, with the plot beside it (same stem, .png). With
+    `baseline` (a run or eval JSON), each row also gets its gains over the baseline (`gain_over_baseline`)."""
+    evaluations = [read_eval(r) for r in runs]
+    rows = [report_row(path, result) for path, result in evaluations]
+    base_name = None
+    if baseline is not None:
+        base_path, base_result = read_eval(baseline)
+        base_name = method_name(base_result, base_path)
+        for row, (_, result) in zip(rows, evaluations):
+            row["vs_baseline"] = gain_over_baseline(result, base_result)
+    text = report_markdown(rows, base_name)
     if out is not None:
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
