@@ -1,0 +1,166 @@
+"""The study's tables (paper Tables 1 and 2, seed repeats) from the evaluation JSONs in docs/results/.
+
+Reads, for each row NAME, the two evaluations of `scripts/study.sh --cpu-protocol`: NAME.eval_clean_10k.json
+(clean on all 10,000 test images) and NAME.eval_300.json (clean, PGD-20, AA-paper and the reliability checks
+on the fixed stratified 300-image subset). Rows without them are listed as not run. Each row also gets its
+PGD-20 and AA gains over PGD-AT on the same 300 images and the PGD-20 gain AutoAttack does not confirm
+(`robal report --baseline`). The paper's numbers (WRN-34-10, 80 epochs, original CIFAR-10 files) stand beside.
+
+    python scripts/study_tables.py [--results docs/results] [--doc docs/results.md]
+
+prints the tables and, with --doc, replaces the block between the two STUDY-TABLES markers of that file.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+from robal.evaluate.report import autoattack_of, gain_over_baseline
+
+BASELINE = "pgd_at"
+BEGIN, END = "<!-- STUDY-TABLES BEGIN (scripts/study_tables.py) -->", "<!-- STUDY-TABLES END -->"
+
+# (row, label, paper Clean / PGD-20 / AA on CIFAR-10-LT rho 50, or None where the paper has no such row)
+TABLE_1 = [
+    ("pgd_at", "FC (= PGD-AT)", (62.33, 29.30, 28.15)),
+    ("cos", "Cos", (56.59, 29.38, 27.23)),
+    ("ldam", "LDAM", (63.24, 29.81, 28.70)),
+    ("ldam_drw", "LDAM-DRW", None),
+    ("cos_margin", "Cos+margin", (58.47, 31.73, 28.45)),
+    ("cdt", "CDT", (73.11, 30.12, 28.62)),
+    ("logit_adjust", "logit adjustment", (74.46, 32.45, 30.55)),
+    ("focal", "focal", (62.07, 30.73, 28.12)),
+    ("resampling", "re-sampling", (58.62, 25.06, 24.25)),
+    ("cb_reweight", "CB re-weighting", (64.33, 34.53, 29.01)),
+    ("finetune_rs", "1-epoch RS", (70.88, 29.81, 28.59)),
+    ("finetune_rw", "1-epoch RW", (71.72, 32.34, 28.25)),
+    ("finetune_lws", "LWS", (69.63, 28.81, 27.99)),
+    ("finetune_crt", "cRT", None),
+    ("cdt_post", "CDT-post", (73.84, 39.05, 28.23)),
+    ("tau_norm", "tau-norm", (72.70, 36.57, 29.77)),
+    ("posthoc_la", "post-hoc LA", (74.25, 31.95, 30.45)),
+    ("tde", "TDE", (71.16, 32.69, 30.48)),
+]
+TABLE_2 = [
+    ("pgd_at", "PGD-AT", (62.33, 29.30, 28.15)),
+    ("trades", "TRADES", (54.29, 30.20, 28.94)),
+    ("robal_n", "RoBal-N", (75.52, 33.50, 31.72)),
+    ("robal_r", "RoBal-R", (74.51, 33.87, 32.04)),
+]
+SEEDED = [("pgd_at", "PGD-AT"), ("robal_n", "RoBal-N")]
+SEEDS = (0, 1, 2)
+
+
+def load(results: Path, row: str) -> tuple[dict, dict] | None:
+    """The row's (clean on 10,000, 300-image) evaluations, or None when either is missing."""
+    paths = [results / f"{row}.{kind}.json" for kind in ("eval_clean_10k", "eval_300")]
+    if not all(p.is_file() for p in paths):
+        return None
+    return tuple(json.loads(p.read_text()) for p in paths)
+
+
+def accuracy(result: dict, attack: str | None) -> float | None:
+    return result["attacks"][attack]["accuracy"] if attack in result["attacks"] else None
+
+
+def flags(result: dict) -> str:
+    bad = [f"{c['name']} {c['status']}" for c in result.get("checks") or [] if c["status"] != "pass"]
+    if not result.get("checks"):
+        return "not checked"
+    return ", ".join(bad) or "none"
+
+
+def fmt(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}"
+
+
+def paper_cell(paper: tuple | None) -> str:
+    return "—" if paper is None else " / ".join(f"{v:.2f}" for v in paper)
+
+
+def row_cells(results: Path, row: str, label: str, paper: tuple | None, baseline: dict | None) -> list[str]:
+    evaluations = load(results, row)
+    if evaluations is None:
+        return [label, f"`{row}`", "not run yet", "", "", "", "", "", "", paper_cell(paper)]
+    clean_10k, sub = evaluations
+    aa = autoattack_of(sub)
+    clean, pgd, aa_acc = accuracy(sub, "clean"), accuracy(sub, "pgd20"), accuracy(sub, aa)
+    gain = None if baseline is None or row == BASELINE else gain_over_baseline(sub, baseline)
+    vs = "—" if gain is None else (f"{gain['pgd_gain']:+.2f} / {gain['aa_gain']:+.2f} / "
+                                   f"{gain['excess']:+.2f} ({gain['status']})")
+    gap = None if clean is None or aa_acc is None else clean - aa_acc
+    return [label, f"`{row}`", fmt(accuracy(clean_10k, "clean")), fmt(clean), fmt(pgd), fmt(aa_acc), fmt(gap),
+            flags(sub), vs, paper_cell(paper)]
+
+
+HEADER = ["Row", "config / JSON", "Clean (10,000)", "Clean (300)", "PGD-20 (300)", "AA-paper (300)",
+          "Clean - AA (300)", "checks not passed (300)", "vs PGD-AT: PGD-20 / AA gain / unconfirmed",
+          "paper Clean / PGD-20 / AA"]
+
+
+def table(results: Path, rows: list) -> str:
+    base = load(results, BASELINE)
+    baseline = base[1] if base else None
+    lines = ["| " + " | ".join(HEADER) + " |", "|" + " --- |" * len(HEADER)]
+    lines += ["| " + " | ".join(row_cells(results, *r, baseline)) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def spread(values: list[float]) -> str:
+    if not values:
+        return "—"
+    if len(values) == 1:
+        return f"{values[0]:.2f} (1 seed)"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f} ({len(values)} seeds)"
+
+
+def seed_table(results: Path) -> str:
+    """Mean ± sample standard deviation over the seeds evaluated so far (seed 0 is the row without suffix)."""
+    header = ["Row", "seeds", "Clean (10,000)", "PGD-20 (300)", "AA-paper (300)", "per seed: Clean / PGD-20 / AA"]
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for row, label in SEEDED:
+        found = [(seed, e) for seed in SEEDS
+                 if (e := load(results, row if seed == 0 else f"{row}_seed{seed}")) is not None]
+        columns = [[accuracy(c, "clean") for _, (c, _) in found],
+                   [accuracy(s, "pgd20") for _, (_, s) in found],
+                   [accuracy(s, autoattack_of(s)) for _, (_, s) in found]]
+        per_seed = "; ".join(f"seed {seed}: " + " / ".join(fmt(col[i]) for col in columns)
+                             for i, (seed, _) in enumerate(found))
+        lines.append("| " + " | ".join([label, ", ".join(str(s) for s, _ in found) or "none",
+                                        *(spread(col) for col in columns), per_seed or "—"]) + " |")
+    return "\n".join(lines)
+
+
+def render(results: Path) -> str:
+    return "\n\n".join([
+        "### Table 2 rows (AT frameworks and RoBal)", table(results, TABLE_2),
+        "### Table 1 rows (long-tailed methods inside PGD-AT)", table(results, TABLE_1),
+        "### Seed repeats (mean ± standard deviation over seeds)", seed_table(results)])
+
+
+def replace_block(doc: Path, block: str) -> None:
+    text = doc.read_text()
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"{doc}: no block to replace; it needs the two lines\n{BEGIN}\n{END}")
+    head, rest = text.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1]
+    doc.write_text(f"{head}{BEGIN}\n{block}\n{END}{tail}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--results", default="docs/results", type=Path, help="folder of the NAME.KIND.json files")
+    parser.add_argument("--doc", type=Path, help="Markdown file whose STUDY-TABLES block is replaced")
+    args = parser.parse_args(argv)
+    block = render(args.results)
+    print(block)
+    if args.doc is not None:
+        replace_block(args.doc, block)
+        print(f"wrote the tables into {args.doc}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

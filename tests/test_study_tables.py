@@ -1,0 +1,86 @@
+"""scripts/study_tables.py: the study's tables come from the evaluation JSONs, numbers placed and combined as
+computed by hand here; rows without results say so; the block in the results document is replaced in place."""
+import importlib.util
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "study_tables.py"
+
+
+@pytest.fixture(scope="module")
+def tables():
+    spec = importlib.util.spec_from_file_location("study_tables", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+LABELS = [0, 0, 1, 1] * 10
+
+
+def evaluation(clean, pgd, aa, checks=("pass",)):
+    """Per-image correctness of 4 images, repeated 10 times -> an eval JSON (prediction = label when correct)."""
+    def attack(ok):
+        ok = ok * 10
+        return {"accuracy": 100 * sum(ok) / len(ok), "std_error": 1.0,
+                "predictions": [y if c else 1 - y for y, c in zip(LABELS, ok)]}
+    return {"n_test": 40, "test_indices_seed": 0, "labels": LABELS,
+            "attacks": {"clean": attack(clean), "pgd20": attack(pgd), "aa-paper": attack(aa)},
+            "checks": [{"name": f"check{i}", "status": s} for i, s in enumerate(checks)]}
+
+
+def write(folder, row, clean_10k, sub):
+    (folder / f"{row}.eval_clean_10k.json").write_text(json.dumps(
+        {"n_test": 10000, "attacks": {"clean": {"accuracy": clean_10k, "std_error": 0.5}}}))
+    (folder / f"{row}.eval_300.json").write_text(json.dumps(sub))
+
+
+def cells(text, label):
+    line = next(ln for ln in text.splitlines() if ln.startswith(f"| {label} |"))
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+def test_rows_gains_over_pgd_at_and_missing_rows(tables, tmp_path):
+    write(tmp_path, "pgd_at", 32.5, evaluation([1, 1, 1, 0], [1, 0, 0, 0], [1, 0, 0, 0]))
+    # tau-norm: PGD-20 +50 over PGD-AT, AA +0 -> 50 points unconfirmed, a fake gain
+    write(tmp_path, "tau_norm", 35.0, evaluation([1, 1, 1, 1], [1, 1, 1, 0], [1, 0, 0, 0], ("pass", "warn")))
+    text = tables.render(tmp_path)
+    fc = cells(text, "FC (= PGD-AT)")
+    assert fc[2:8] == ["32.50", "75.00", "25.00", "25.00", "50.00", "none"]
+    assert fc[8] == "—" and fc[9] == "62.33 / 29.30 / 28.15"
+    tau = cells(text, "tau-norm")
+    assert tau[2:8] == ["35.00", "100.00", "75.00", "25.00", "75.00", "check1 warn"]
+    assert tau[8] == "+50.00 / +0.00 / +50.00 (fail)"
+    assert cells(text, "TDE")[2] == "not run yet"
+    assert cells(text, "cRT")[9] == "—"
+    assert cells(text, "RoBal-R")[2] == "not run yet" and cells(text, "RoBal-R")[9] == "74.51 / 33.87 / 32.04"
+
+
+def test_seed_table_is_mean_and_sample_std(tables, tmp_path):
+    for row, clean in (("robal_n", 48.0), ("robal_n_seed1", 46.0), ("robal_n_seed2", 50.5)):
+        write(tmp_path, row, clean, evaluation([1, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0]))
+    write(tmp_path, "pgd_at_seed1", 31.0, evaluation([1, 1, 1, 0], [1, 1, 0, 0], [1, 0, 0, 0]))
+    text = tables.seed_table(tmp_path)
+    robal = cells(text, "RoBal-N")
+    values = [48.0, 46.0, 50.5]
+    assert robal[1] == "0, 1, 2"
+    assert robal[2] == f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f} (3 seeds)"
+    assert robal[3] == "25.00 ± 0.00 (3 seeds)" and robal[4] == "0.00 ± 0.00 (3 seeds)"
+    pgd = cells(text, "PGD-AT")
+    assert pgd[1] == "1" and pgd[2] == "31.00 (1 seed)" and pgd[5] == "seed 1: 31.00 / 50.00 / 25.00"
+
+
+def test_block_is_replaced_and_a_doc_without_markers_is_refused(tables, tmp_path):
+    doc = tmp_path / "results.md"
+    doc.write_text(f"intro\n{tables.BEGIN}\nold table\n{tables.END}\noutro\n")
+    assert tables.main(["--results", str(tmp_path), "--doc", str(doc)]) == 0
+    text = doc.read_text()
+    assert text.startswith("intro\n") and text.endswith(f"{tables.END}\noutro\n")
+    assert "old table" not in text and "| FC (= PGD-AT) |" in text
+    doc.write_text("no markers\n")
+    with pytest.raises(SystemExit, match="STUDY-TABLES"):
+        tables.main(["--results", str(tmp_path), "--doc", str(doc)])
+    assert doc.read_text() == "no markers\n"
