@@ -45,17 +45,16 @@ run() {
   if [ "$DRY" = 0 ]; then "$@"; fi
 }
 
-if [ ${#ROWS[@]} -eq 0 ]; then
-  ROWS=(pgd_at)
-  for f in "$CONFIGS"/*.yaml; do   # training rows, fine-tunes last (they start from the PGD-AT run)
-    n=$(basename "$f" .yaml)
-    case "$n" in pgd_at|finetune_*) ;; *) ROWS+=("$n") ;; esac
-  done
-  ROWS+=(pgd_at_seed1 pgd_at_seed2 robal_n_seed1 robal_n_seed2)
-  for f in "$CONFIGS"/finetune_*.yaml "$CONFIGS"/posthoc/*.yaml; do
-    [ -f "$f" ] && ROWS+=("$(basename "$f" .yaml)")
-  done
-fi
+ALL_ROWS=(pgd_at)
+for f in "$CONFIGS"/*.yaml; do   # training rows, fine-tunes last (they start from the PGD-AT run)
+  n=$(basename "$f" .yaml)
+  case "$n" in pgd_at|finetune_*) ;; *) ALL_ROWS+=("$n") ;; esac
+done
+ALL_ROWS+=(pgd_at_seed1 pgd_at_seed2 robal_n_seed1 robal_n_seed2)
+for f in "$CONFIGS"/finetune_*.yaml "$CONFIGS"/posthoc/*.yaml; do
+  [ -f "$f" ] && ALL_ROWS+=("$(basename "$f" .yaml)")
+done
+if [ ${#ROWS[@]} -eq 0 ]; then ROWS=("${ALL_ROWS[@]}"); fi
 
 produce() {  # train (or adjust) the run of row $1 if its model is missing
   local name=$1 out=$RUNS/$1
@@ -124,9 +123,9 @@ for name in "${ROWS[@]}"; do
 done
 
 if [ "$DRY" = 0 ]; then
-  for kind in "${KINDS[@]}"; do
+  for kind in "${KINDS[@]}"; do   # the report covers every row evaluated so far, not only this call's
     done_runs=()
-    for name in "${ROWS[@]}"; do
+    for name in "${ALL_ROWS[@]}"; do
       if [ -f "$RESULTS/$name.$kind.json" ]; then done_runs+=("$RESULTS/$name.$kind.json"); fi
     done
     if [ ${#done_runs[@]} -gt 0 ]; then "$ROBAL" report "${done_runs[@]}" --out "$RESULTS/study_${kind#eval_}.md"; fi
