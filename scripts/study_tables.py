@@ -2,7 +2,8 @@
 
 Reads, for each row NAME, the two evaluations of `scripts/study.sh --cpu-protocol`: NAME.eval_clean_10k.json
 (clean on all 10,000 test images) and NAME.eval_300.json (clean, PGD-20, AA-paper and the reliability checks
-on the fixed stratified 300-image subset). Rows without them are listed as not run. Each row also gets its
+on the fixed stratified 300-image subset), and NAME.eval_full.json (PGD-20 on all 10,000, the full protocol)
+where it exists. Rows without the first two are listed as not run. Each row also gets its
 PGD-20 and AA gains over PGD-AT on the same 300 images and the PGD-20 gain AutoAttack does not confirm
 (`robal report --baseline`). The paper's numbers (WRN-34-10, 80 epochs, original CIFAR-10 files) stand beside.
 
@@ -61,8 +62,13 @@ def load(results: Path, row: str) -> tuple[dict, dict] | None:
     return tuple(json.loads(p.read_text()) for p in paths)
 
 
-def accuracy(result: dict, attack: str | None) -> float | None:
-    return result["attacks"][attack]["accuracy"] if attack in result["attacks"] else None
+def accuracy(result: dict | None, attack: str | None) -> float | None:
+    return result["attacks"][attack]["accuracy"] if result and attack in result["attacks"] else None
+
+
+def load_optional(results: Path, row: str, kind: str) -> dict | None:
+    path = results / f"{row}.{kind}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def flags(result: dict) -> str:
@@ -83,7 +89,7 @@ def paper_cell(paper: tuple | None) -> str:
 def row_cells(results: Path, row: str, label: str, paper: tuple | None, baseline: dict | None) -> list[str]:
     evaluations = load(results, row)
     if evaluations is None:
-        return [label, f"`{row}`", "not run yet", "", "", "", "", "", "", paper_cell(paper)]
+        return [label, f"`{row}`", "not run yet", "", "", "", "", "", "", "", paper_cell(paper)]
     clean_10k, sub = evaluations
     aa = autoattack_of(sub)
     clean, pgd, aa_acc = accuracy(sub, "clean"), accuracy(sub, "pgd20"), accuracy(sub, aa)
@@ -91,11 +97,12 @@ def row_cells(results: Path, row: str, label: str, paper: tuple | None, baseline
     vs = "—" if gain is None else (f"{gain['pgd_gain']:+.2f} / {gain['aa_gain']:+.2f} / "
                                    f"{gain['excess']:+.2f} ({gain['status']})")
     gap = None if clean is None or aa_acc is None else clean - aa_acc
-    return [label, f"`{row}`", fmt(accuracy(clean_10k, "clean")), fmt(clean), fmt(pgd), fmt(aa_acc), fmt(gap),
+    pgd_10k = accuracy(load_optional(results, row, "eval_full"), "pgd20")
+    return [label, f"`{row}`", fmt(accuracy(clean_10k, "clean")), fmt(pgd_10k), fmt(clean), fmt(pgd), fmt(aa_acc), fmt(gap),
             flags(sub), vs, paper_cell(paper)]
 
 
-HEADER = ["Row", "config / JSON", "Clean (10,000)", "Clean (300)", "PGD-20 (300)", "AA-paper (300)",
+HEADER = ["Row", "config / JSON", "Clean (10,000)", "PGD-20 (10,000)", "Clean (300)", "PGD-20 (300)", "AA-paper (300)",
           "Clean - AA (300)", "checks not passed (300)", "vs PGD-AT: PGD-20 / AA gain / unconfirmed",
           "paper Clean / PGD-20 / AA"]
 

@@ -45,18 +45,20 @@ def cells(text, label):
 
 def test_rows_gains_over_pgd_at_and_missing_rows(tables, tmp_path):
     write(tmp_path, "pgd_at", 32.5, evaluation([1, 1, 1, 0], [1, 0, 0, 0], [1, 0, 0, 0]))
+    (tmp_path / "pgd_at.eval_full.json").write_text(json.dumps(
+        {"n_test": 10000, "attacks": {"clean": {"accuracy": 32.5}, "pgd20": {"accuracy": 23.4}}}))
     # tau-norm: PGD-20 +50 over PGD-AT, AA +0 -> 50 points unconfirmed, a fake gain
     write(tmp_path, "tau_norm", 35.0, evaluation([1, 1, 1, 1], [1, 1, 1, 0], [1, 0, 0, 0], ("pass", "warn")))
     text = tables.render(tmp_path)
     fc = cells(text, "FC (= PGD-AT)")
-    assert fc[2:8] == ["32.50", "75.00", "25.00", "25.00", "50.00", "none"]
-    assert fc[8] == "—" and fc[9] == "62.33 / 29.30 / 28.15"
+    assert fc[2:9] == ["32.50", "23.40", "75.00", "25.00", "25.00", "50.00", "none"]
+    assert fc[9] == "—" and fc[10] == "62.33 / 29.30 / 28.15"
     tau = cells(text, "tau-norm")
-    assert tau[2:8] == ["35.00", "100.00", "75.00", "25.00", "75.00", "check1 warn"]
-    assert tau[8] == "+50.00 / +0.00 / +50.00 (fail)"
+    assert tau[2:9] == ["35.00", "—", "100.00", "75.00", "25.00", "75.00", "check1 warn"]
+    assert tau[9] == "+50.00 / +0.00 / +50.00 (fail)"
     assert cells(text, "TDE")[2] == "not run yet"
-    assert cells(text, "cRT")[9] == "—"
-    assert cells(text, "RoBal-R")[2] == "not run yet" and cells(text, "RoBal-R")[9] == "74.51 / 33.87 / 32.04"
+    assert cells(text, "cRT")[10] == "—"
+    assert cells(text, "RoBal-R")[2] == "not run yet" and cells(text, "RoBal-R")[10] == "74.51 / 33.87 / 32.04"
 
 
 def test_seed_table_is_mean_and_sample_std(tables, tmp_path):
