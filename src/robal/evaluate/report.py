@@ -12,7 +12,7 @@ import numpy as np
 import yaml
 
 from .attacks import is_autoattack
-from .checks import FAKE_GAIN, grade, paired_noise
+from .checks import FAKE_GAIN, grade, paired_noise, pct
 from .metrics import strongest
 from .plots import report_plot, write_eval_plots
 
@@ -149,9 +149,9 @@ def gain_over_baseline(result: dict, baseline: dict) -> dict | None:
     base_gap = correct(baseline, "pgd20").astype(int) - correct(baseline, aa)
     excess = 100 * float(method_gap.mean() - base_gap.mean())
     noise = paired_noise(method_gap, base_gap)
-    pct = lambda r, a: 100 * float(correct(r, a).mean())  # noqa: E731
-    return {"pgd_gain": pct(result, "pgd20") - pct(baseline, "pgd20"), "aa_gain": pct(result, aa) - pct(baseline, aa),
-            "excess": excess, "noise": noise, "status": grade(excess, noise, FAKE_GAIN)}
+    gain = {f"{key}_gain": pct(correct(result, attack)) - pct(correct(baseline, attack))
+            for key, attack in (("pgd", "pgd20"), ("aa", aa))}
+    return {**gain, "excess": excess, "noise": noise, "status": grade(excess, noise, FAKE_GAIN)}
 
 
 def baseline_cell(gain: dict | None) -> str:
