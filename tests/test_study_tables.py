@@ -86,3 +86,19 @@ def test_block_is_replaced_and_a_doc_without_markers_is_refused(tables, tmp_path
     with pytest.raises(SystemExit, match="STUDY-TABLES"):
         tables.main(["--results", str(tmp_path), "--doc", str(doc)])
     assert doc.read_text() == "no markers\n"
+
+
+def test_paired_gains_by_hand(tmp_path):
+    spec = importlib.util.spec_from_file_location("paired_gains", SCRIPT.parent / "paired_gains.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    base = evaluation([1, 1, 0, 0], [1, 0, 0, 0], [1, 0, 0, 0])
+    run = evaluation([1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0])
+    gains = module.paired_gains(run, base)
+    assert gains["clean"][0] == pytest.approx(25.0) and gains["pgd20"] == (0.0, 0.0)
+    # aa-paper: differences -1, 0, 0, 0 repeated: mean -25, two SE = 200 * std / sqrt(40)
+    assert gains["aa-paper"][0] == pytest.approx(-25.0)
+    assert gains["aa-paper"][1] == pytest.approx(200 * statistics.pstdev([-1, 0, 0, 0]) / 40 ** 0.5)
+    other = dict(run, labels=[1 - y for y in LABELS])
+    with pytest.raises(SystemExit, match="same test images"):
+        module.paired_gains(other, base)
