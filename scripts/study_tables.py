@@ -115,7 +115,8 @@ def table(results: Path, rows: list) -> str:
     return "\n".join(lines)
 
 
-def spread(values: list[float]) -> str:
+def spread(values: list[float | None]) -> str:
+    values = [v for v in values if v is not None]
     if not values:
         return "—"
     if len(values) == 1:
@@ -123,20 +124,35 @@ def spread(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f} ({len(values)} seeds)"
 
 
+def seed_accuracies(results: Path, row: str) -> dict[int, list[float | None]]:
+    """seed -> [clean on 10,000, PGD-20, AA-paper on 300] for the seeds of `row` evaluated so far."""
+    found = {}
+    for seed in SEEDS:
+        evaluations = load(results, row if seed == 0 else f"{row}_seed{seed}")
+        if evaluations is not None:
+            clean_10k, sub = evaluations
+            found[seed] = [accuracy(clean_10k, "clean"), accuracy(sub, "pgd20"), accuracy(sub, autoattack_of(sub))]
+    return found
+
+
+def seed_line(label: str, per_seed: dict[int, list[float | None]]) -> str:
+    columns = list(zip(*per_seed.values())) or [(), (), ()]
+    listed = "; ".join(f"seed {seed}: " + " / ".join(fmt(v) for v in values) for seed, values in per_seed.items())
+    return "| " + " | ".join([label, ", ".join(map(str, per_seed)) or "none",
+                              *(spread(list(col)) for col in columns), listed or "—"]) + " |"
+
+
 def seed_table(results: Path) -> str:
-    """Mean ± sample standard deviation over the seeds evaluated so far (seed 0 is the row without suffix)."""
+    """Mean ± sample standard deviation over the seeds evaluated so far (seed 0 is the row without suffix), and
+    the difference of the two rows seed by seed: a difference is real when its mean is large against its spread."""
     header = ["Row", "seeds", "Clean (10,000)", "PGD-20 (300)", "AA-paper (300)", "per seed: Clean / PGD-20 / AA"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    for row, label in SEEDED:
-        found = [(seed, e) for seed in SEEDS
-                 if (e := load(results, row if seed == 0 else f"{row}_seed{seed}")) is not None]
-        columns = [[accuracy(c, "clean") for _, (c, _) in found],
-                   [accuracy(s, "pgd20") for _, (_, s) in found],
-                   [accuracy(s, autoattack_of(s)) for _, (_, s) in found]]
-        per_seed = "; ".join(f"seed {seed}: " + " / ".join(fmt(col[i]) for col in columns)
-                             for i, (seed, _) in enumerate(found))
-        lines.append("| " + " | ".join([label, ", ".join(str(s) for s, _ in found) or "none",
-                                        *(spread(col) for col in columns), per_seed or "—"]) + " |")
+    per_row = {row: seed_accuracies(results, row) for row, _ in SEEDED}
+    lines += [seed_line(label, per_row[row]) for row, label in SEEDED]
+    (base, base_label), (other, other_label) = SEEDED
+    paired = {seed: [None if a is None or b is None else b - a for a, b in zip(per_row[base][seed], values)]
+              for seed, values in per_row[other].items() if seed in per_row[base]}
+    lines.append(seed_line(f"{other_label} - {base_label} (same seed)", paired))
     return "\n".join(lines)
 
 

@@ -73,6 +73,21 @@ def test_seed_table_is_mean_and_sample_std(tables, tmp_path):
     assert robal[3] == "25.00 ± 0.00 (3 seeds)" and robal[4] == "0.00 ± 0.00 (3 seeds)"
     pgd = cells(text, "PGD-AT")
     assert pgd[1] == "1" and pgd[2] == "31.00 (1 seed)" and pgd[5] == "seed 1: 31.00 / 50.00 / 25.00"
+    paired = cells(text, "RoBal-N - PGD-AT (same seed)")  # only seed 1 has both rows
+    assert paired[1] == "1" and paired[2:5] == ["15.00 (1 seed)", "-25.00 (1 seed)", "-25.00 (1 seed)"]
+
+
+def test_seed_table_pairs_the_rows_seed_by_seed(tables, tmp_path):
+    for seed, (pgd_clean, robal_clean) in enumerate(((30.0, 47.0), (32.0, 46.0), (31.0, 50.5))):
+        suffix = "" if seed == 0 else f"_seed{seed}"
+        write(tmp_path, f"pgd_at{suffix}", pgd_clean, evaluation([1, 1, 1, 0], [1, 1, 0, 0], [1, 0, 0, 0]))
+        write(tmp_path, f"robal_n{suffix}", robal_clean, evaluation([1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 0, 0]))
+    paired = cells(tables.seed_table(tmp_path), "RoBal-N - PGD-AT (same seed)")
+    differences = [17.0, 14.0, 19.5]
+    assert paired[1] == "0, 1, 2"
+    assert paired[2] == f"{statistics.mean(differences):.2f} ± {statistics.stdev(differences):.2f} (3 seeds)"
+    assert paired[3] == "-25.00 ± 0.00 (3 seeds)" and paired[4] == "25.00 ± 0.00 (3 seeds)"
+    assert paired[5].startswith("seed 0: 17.00 / -25.00 / 25.00; seed 1: 14.00")
 
 
 def test_block_is_replaced_and_a_doc_without_markers_is_refused(tables, tmp_path):
