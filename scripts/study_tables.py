@@ -136,10 +136,10 @@ def seed_accuracies(results: Path, row: str) -> dict[int, list[float | None]]:
 
 
 def seed_line(label: str, per_seed: dict[int, list[float | None]]) -> str:
-    columns = list(zip(*per_seed.values())) or [(), (), ()]
+    columns = [[values[i] for values in per_seed.values()] for i in range(3)]
     listed = "; ".join(f"seed {seed}: " + " / ".join(fmt(v) for v in values) for seed, values in per_seed.items())
     return "| " + " | ".join([label, ", ".join(map(str, per_seed)) or "none",
-                              *(spread(list(col)) for col in columns), listed or "—"]) + " |"
+                              *(spread(col) for col in columns), listed or "—"]) + " |"
 
 
 def seed_table(results: Path) -> str:
