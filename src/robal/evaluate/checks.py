@@ -175,7 +175,8 @@ def logit_scale(ctx: CheckContext) -> dict:
     factor = max(scale / train, train / scale) if scale > 0 else math.inf
     status = "warn" if factor > LOGIT_FACTOR else "pass"
     return verdict(status, f"logit std {scale:.3g} at evaluation vs {train:.3g} in training (x{factor:.3g}); "
-                           + ("rescaled logits can mask gradients" if status == "warn" else "comparable"),
+                           + ("rescaled logits can mask gradients" if status == "warn"
+                              else f"within the x{LOGIT_FACTOR:g} this check allows"),
                    eval_scale=scale, train_scale=train, factor=factor)
 
 
