@@ -6,6 +6,9 @@ on the fixed stratified 300-image subset), and NAME.eval_full.json (PGD-20 on al
 where it exists. Rows without the first two are listed as not run. Each row also gets its
 PGD-20 and AA gains over PGD-AT on the same 300 images and the PGD-20 gain AutoAttack does not confirm
 (`robal report --baseline`). The paper's numbers (WRN-34-10, 80 epochs, original CIFAR-10 files) stand beside.
+A last table holds the Table 2 rows at issue 9's sizes, where they were run: NAME.eval_full.json (clean and
+PGD-20 on all 10,000), NAME.eval_1000.json (clean, PGD-20, AA-paper on the stratified 1,000) and
+NAME.eval_aa.json (AA-paper and standard AA on the same 1,000), with paired gains over PGD-AT.
 
     python scripts/study_tables.py [--results docs/results] [--doc docs/results.md]
 
@@ -18,7 +21,7 @@ import json
 import statistics
 from pathlib import Path
 
-from robal.evaluate.report import autoattack_of, gain_over_baseline
+from robal.evaluate.report import autoattack_of, gain_over_baseline, paired_gains, with_se
 
 BASELINE = "pgd_at"
 BEGIN, END = "<!-- STUDY-TABLES BEGIN (scripts/study_tables.py) -->", "<!-- STUDY-TABLES END -->"
@@ -156,11 +159,54 @@ def seed_table(results: Path) -> str:
     return "\n".join(lines)
 
 
+# (column, attack, the evaluation kinds that may hold it, first found wins)
+ISSUE_SIZE_COLUMNS = [
+    ("Clean (10,000)", "clean", ("eval_full",)),
+    ("PGD-20 (10,000)", "pgd20", ("eval_full",)),
+    ("Clean (1,000)", "clean", ("eval_1000",)),
+    ("PGD-20 (1,000)", "pgd20", ("eval_1000",)),
+    ("AA-paper (1,000)", "aa-paper", ("eval_1000", "eval_aa")),
+    ("standard AA (1,000)", "aa", ("eval_aa",)),
+]
+PAIRED_COLUMNS = ("PGD-20 (10,000)", "AA-paper (1,000)", "standard AA (1,000)")
+
+
+def evaluation_with(results: Path, row: str, attack: str, kinds: tuple[str, ...]) -> dict | None:
+    """The first of the row's evaluations `kinds` that ran `attack`."""
+    for kind in kinds:
+        result = load_optional(results, row, kind)
+        if result is not None and attack in result["attacks"]:
+            return result
+    return None
+
+
+def issue_size_table(results: Path) -> str:
+    """Accuracy ± standard error at issue 9's sizes, and each row's gain over PGD-AT on the same images with two
+    standard errors of the paired difference; "—" where an evaluation was not run."""
+    header = ["Row", *(c for c, _, _ in ISSUE_SIZE_COLUMNS),
+              "vs PGD-AT, paired (two SE): " + " / ".join(PAIRED_COLUMNS)]
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for row, label, _ in TABLE_2:
+        cells, gains = [label], []
+        for column, attack, kinds in ISSUE_SIZE_COLUMNS:
+            result = evaluation_with(results, row, attack, kinds)
+            cells.append("—" if result is None else with_se(result["attacks"][attack]["accuracy"],
+                                                             result["attacks"][attack]["std_error"]))
+            if column in PAIRED_COLUMNS:
+                base = evaluation_with(results, BASELINE, attack, kinds)
+                gain = None if row == BASELINE or result is None or base is None else paired_gains(result, base)[attack]
+                gains.append("—" if gain is None else f"{gain[0]:+.2f} ({gain[1]:.2f})")
+        cells.append("" if row == BASELINE else " / ".join(gains))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def render(results: Path) -> str:
     return "\n\n".join([
         "### Table 2 rows (AT frameworks and RoBal)", table(results, TABLE_2),
         "### Table 1 rows (long-tailed methods inside PGD-AT)", table(results, TABLE_1),
-        "### Seed repeats (mean ± standard deviation over seeds)", seed_table(results)])
+        "### Seed repeats (mean ± standard deviation over seeds)", seed_table(results),
+        "### Table 2 rows at issue 9's sizes", issue_size_table(results)])
 
 
 def replace_block(doc: Path, block: str) -> None:

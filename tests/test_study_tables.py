@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from robal.evaluate.report import paired_gains
+
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "study_tables.py"
 
 
@@ -46,7 +48,8 @@ def cells(text, label):
 def test_rows_gains_over_pgd_at_and_missing_rows(tables, tmp_path):
     write(tmp_path, "pgd_at", 32.5, evaluation([1, 1, 1, 0], [1, 0, 0, 0], [1, 0, 0, 0]))
     (tmp_path / "pgd_at.eval_full.json").write_text(json.dumps(
-        {"n_test": 10000, "attacks": {"clean": {"accuracy": 32.5}, "pgd20": {"accuracy": 23.4}}}))
+        {"n_test": 10000, "attacks": {"clean": {"accuracy": 32.5, "std_error": 0.5},
+                                      "pgd20": {"accuracy": 23.4, "std_error": 0.4}}}))
     # tau-norm: PGD-20 +50 over PGD-AT, AA +0 -> 50 points unconfirmed, a fake gain
     write(tmp_path, "tau_norm", 35.0, evaluation([1, 1, 1, 1], [1, 1, 1, 0], [1, 0, 0, 0], ("pass", "warn")))
     text = tables.render(tmp_path)
@@ -104,16 +107,54 @@ def test_block_is_replaced_and_a_doc_without_markers_is_refused(tables, tmp_path
 
 
 def test_paired_gains_by_hand(tmp_path):
-    spec = importlib.util.spec_from_file_location("paired_gains", SCRIPT.parent / "paired_gains.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     base = evaluation([1, 1, 0, 0], [1, 0, 0, 0], [1, 0, 0, 0])
     run = evaluation([1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0])
-    gains = module.paired_gains(run, base)
+    gains = paired_gains(run, base)
     assert gains["clean"][0] == pytest.approx(25.0) and gains["pgd20"] == (0.0, 0.0)
     # aa-paper: differences -1, 0, 0, 0 repeated: mean -25, two SE = 200 * std / sqrt(40)
     assert gains["aa-paper"][0] == pytest.approx(-25.0)
     assert gains["aa-paper"][1] == pytest.approx(200 * statistics.pstdev([-1, 0, 0, 0]) / 40 ** 0.5)
     other = dict(run, labels=[1 - y for y in LABELS])
-    with pytest.raises(SystemExit, match="same test images"):
-        module.paired_gains(other, base)
+    with pytest.raises(ValueError, match="same test images"):
+        paired_gains(other, base)
+
+
+def test_paired_gains_script_prints_and_refuses(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("paired_gains", SCRIPT.parent / "paired_gains.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    base, run, other = tmp_path / "base.json", tmp_path / "run.json", tmp_path / "other.json"
+    base.write_text(json.dumps(evaluation([1, 1, 0, 0], [1, 0, 0, 0], [1, 0, 0, 0])))
+    run_result = evaluation([1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0])
+    run.write_text(json.dumps(run_result))
+    other.write_text(json.dumps(dict(run_result, labels=[1 - y for y in LABELS])))
+    assert module.main([str(base), str(run)]) == 0
+    assert "clean +25.00 (two SE" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="other.json.*same test images"):
+        module.main([str(base), str(other)])
+
+
+def test_issue_size_table_reads_each_kind_and_pairs_with_pgd_at(tables, tmp_path):
+    def save(row, kind, result):
+        (tmp_path / f"{row}.{kind}.json").write_text(json.dumps(result))
+
+    def only(result, *attacks):
+        return dict(result, attacks={a: result["attacks"][a] for a in attacks})
+
+    save("pgd_at", "eval_full", only(evaluation([1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]), "clean", "pgd20"))
+    save("pgd_at", "eval_1000", evaluation([1, 1, 0, 0], [1, 1, 0, 0], [1, 0, 0, 0]))
+    aa_run = evaluation([1, 1, 0, 0], [1, 1, 0, 0], [1, 0, 0, 0])
+    aa_run["attacks"]["aa"] = aa_run["attacks"]["aa-paper"]
+    save("pgd_at", "eval_aa", only(aa_run, "aa-paper", "aa"))
+    # RoBal-N: AA-paper and standard AA only from its eval_aa (no eval_1000): AA-paper +25, AA +25 over PGD-AT
+    robal = evaluation([1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 0, 0])
+    robal["attacks"]["aa"] = robal["attacks"]["aa-paper"]
+    save("robal_n", "eval_aa", only(robal, "aa-paper", "aa"))
+    text = tables.issue_size_table(tmp_path)
+    assert cells(text, "PGD-AT")[1:] == ["75.00 ± 1.00", "25.00 ± 1.00", "50.00 ± 1.00", "50.00 ± 1.00",
+                                         "25.00 ± 1.00", "25.00 ± 1.00", ""]
+    row = cells(text, "RoBal-N")
+    assert row[1:5] == ["—"] * 4 and row[5:7] == ["50.00 ± 1.00", "50.00 ± 1.00"]
+    noise = 200 * statistics.pstdev([0, 1, 0, 0]) / 40 ** 0.5   # per-image differences 0, +1, 0, 0
+    assert row[7] == f"— / +25.00 ({noise:.2f}) / +25.00 ({noise:.2f})"
+    assert cells(text, "TRADES")[1:] == ["—"] * 6 + ["— / — / —"]

@@ -132,6 +132,16 @@ def correct(result: dict, attack: str) -> np.ndarray:
     return np.asarray(result["attacks"][attack]["predictions"]) == np.asarray(result["labels"])
 
 
+def paired_gains(result: dict, baseline: dict) -> dict[str, tuple[float, float]]:
+    """attack -> (the run's accuracy minus the baseline's, two standard errors of that difference) for every attack
+    both evaluations ran on the same test images (per-image correctness, so the shared images cancel)."""
+    if result["labels"] != baseline["labels"]:
+        raise ValueError("the two evaluations did not attack the same test images (labels differ)")
+    shared = [a for a in baseline["attacks"] if a in result["attacks"]]
+    return {a: (pct(correct(result, a)) - pct(correct(baseline, a)),
+                paired_noise(correct(result, a), correct(baseline, a))) for a in shared}
+
+
 def gain_over_baseline(result: dict, baseline: dict) -> dict | None:
     """The method's PGD-20 gain over the baseline minus its AutoAttack gain, on the same images: robustness that
     PGD-20 credits and AutoAttack does not, beyond the baseline's own PGD-20 - AA gap. Graded like `fake_gain`
