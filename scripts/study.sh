@@ -7,13 +7,16 @@
 #       full protocol (default), the sizes of issue 9:
 #         eval_full: clean + PGD-20 on all 10,000 test images
 #         eval_aa:   AutoAttack (aa-paper, aa) on the fixed stratified 1,000-image subset
+#       --subset-1000, the full protocol's AA-paper without standard AA (about 12 minutes per row at one thread):
+#         eval_1000: clean, PGD-20 and AA-paper on the stratified 1,000-image subset, no reliability checks
 #       --cpu-protocol, what a 2-core session affords (about 5 minutes per row at one thread):
 #         eval_clean_10k: clean on all 10,000 test images
 #         eval_300:       clean, PGD-20, AA-paper and the reliability checks on the stratified 300-image subset
 #   - one `robal report` table per evaluation kind: docs/results/study_KIND.md.
 # Results that exist are skipped, so the script can be stopped and started again.
 #
-#   scripts/study.sh [--dry-run] [--cpu-protocol] [NAME ...]   # default: every row; --dry-run: print commands only
+#   scripts/study.sh [--dry-run] [--cpu-protocol | --subset-1000] [NAME ...]
+#   (default: every row, full protocol; --dry-run: print the commands only)
 #
 # Rows: every configs/cifar10_lt/*.yaml (paper Tables 1-2, the balanced controls, and the later methods AT-BSL,
 # AT-BSL-AuA, REAT, TAET, class-wise eps), the seed repeats of PGD-AT and RoBal-N, and
@@ -29,7 +32,8 @@ for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY=1 ;;
     --cpu-protocol) PROTOCOL=cpu ;;
-    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+    --subset-1000) PROTOCOL=subset ;;
+    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
     *) ROWS+=("$arg") ;;
   esac
 done
@@ -80,16 +84,17 @@ produce() {  # train (or adjust) the run of row $1 if its model is missing
   fi
 }
 
-if [ "$PROTOCOL" = full ]; then
-  KINDS=(eval_full eval_aa)
-else
-  KINDS=(eval_clean_10k eval_300)
-fi
+case "$PROTOCOL" in
+  full) KINDS=(eval_full eval_aa) ;;
+  subset) KINDS=(eval_1000) ;;
+  cpu) KINDS=(eval_clean_10k eval_300) ;;
+esac
 
 eval_args() {  # the `robal eval` arguments of evaluation kind $1
   case "$1" in
     eval_full) echo "--attacks clean,pgd20" ;;
     eval_aa) echo "--attacks aa-paper,aa --n-test 1000" ;;
+    eval_1000) echo "--attacks clean,pgd20,aa-paper --n-test 1000 --checks none" ;;
     eval_clean_10k) echo "--attacks clean --checks none" ;;
     eval_300) echo "--attacks clean,pgd20,aa-paper --n-test 300" ;;
   esac

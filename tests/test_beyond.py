@@ -413,7 +413,8 @@ def test_study_reuses_committed_weights(tmp_path):
 
 
 def test_study_seed_rows_and_cpu_protocol(tmp_path):
-    """NAME_seedN trains NAME.yaml with that seed; --cpu-protocol runs the two cheap evaluations; a row whose
+    """NAME_seedN trains NAME.yaml with that seed; --cpu-protocol runs the two cheap evaluations, --subset-1000
+    the AA-paper one on the 1,000 images; a row whose
     JSON is already in docs/results is neither retrained nor re-evaluated; post-hoc rows bring PGD-AT first."""
     (tmp_path / "scripts").mkdir()
     shutil.copy(ROOT / "scripts/study.sh", tmp_path / "scripts/study.sh")
@@ -441,3 +442,8 @@ def test_study_seed_rows_and_cpu_protocol(tmp_path):
                           check=True, capture_output=True, text=True, env={**os.environ, "ROBAL": "robal"}).stdout
     assert f"--attacks clean,pgd20 --json {seed_run}/eval_full.json" in full
     assert f"--attacks aa-paper,aa --n-test 1000 --json {seed_run}/eval_aa.json" in full
+    subset = subprocess.run(["bash", str(tmp_path / "scripts/study.sh"), "--dry-run", "--subset-1000", "robal_n_seed2"],
+                            check=True, capture_output=True, text=True, env={**os.environ, "ROBAL": "robal"}).stdout
+    assert (f"+ robal eval {seed_run} --attacks clean,pgd20,aa-paper --n-test 1000 --checks none "
+            f"--json {seed_run}/eval_1000.json") in subset
+    assert "eval_full" not in subset and "eval_300" not in subset and "aa-paper,aa " not in subset

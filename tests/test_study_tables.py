@@ -150,11 +150,18 @@ def test_issue_size_table_reads_each_kind_and_pairs_with_pgd_at(tables, tmp_path
     robal = evaluation([1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 0, 0])
     robal["attacks"]["aa"] = robal["attacks"]["aa-paper"]
     save("robal_n", "eval_aa", only(robal, "aa-paper", "aa"))
-    text = tables.issue_size_table(tmp_path)
+    # tau-norm (a Table 1 row): eval_1000 only; PGD-20 +25 over PGD-AT on the 1,000, AA-paper +0 -> 25 unconfirmed
+    save("tau_norm", "eval_1000", evaluation([1, 1, 1, 1], [1, 1, 1, 0], [1, 0, 0, 0]))
+    text = tables.issue_size_table(tmp_path, tables.TABLE_2)
     assert cells(text, "PGD-AT")[1:] == ["75.00 ± 1.00", "25.00 ± 1.00", "50.00 ± 1.00", "50.00 ± 1.00",
-                                         "25.00 ± 1.00", "25.00 ± 1.00", ""]
+                                         "25.00 ± 1.00", "25.00 ± 1.00", "", ""]
     row = cells(text, "RoBal-N")
     assert row[1:5] == ["—"] * 4 and row[5:7] == ["50.00 ± 1.00", "50.00 ± 1.00"]
     noise = 200 * statistics.pstdev([0, 1, 0, 0]) / 40 ** 0.5   # per-image differences 0, +1, 0, 0
-    assert row[7] == f"— / +25.00 ({noise:.2f}) / +25.00 ({noise:.2f})"
-    assert cells(text, "TRADES")[1:] == ["—"] * 6 + ["— / — / —"]
+    assert row[7:] == [f"— / — / +25.00 ({noise:.2f}) / +25.00 ({noise:.2f})", "—"]
+    assert cells(text, "TRADES")[1:] == ["—"] * 6 + ["— / — / — / —", "—"]
+    tau = cells(tables.issue_size_table(tmp_path, tables.TABLE_1), "tau-norm")
+    assert tau[3:7] == ["100.00 ± 1.00", "75.00 ± 1.00", "25.00 ± 1.00", "—"]
+    # PGD-20 per-image differences vs PGD-AT 0, 0, +1, 0; AA-paper none; unconfirmed gap differences 0, 0, +1, 0
+    assert tau[7:] == [f"— / +25.00 ({noise:.2f}) / +0.00 (0.00) / —", "+25.00 (fail)"]
+    assert "### Table 1 rows at issue 9's sizes" in tables.render(tmp_path)
