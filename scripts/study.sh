@@ -7,7 +7,7 @@
 #       full protocol (default), the sizes of issue 9:
 #         eval_full: clean + PGD-20 on all 10,000 test images
 #         eval_aa:   AutoAttack (aa-paper, aa) on the fixed stratified 1,000-image subset
-#       --subset-1000, the full protocol's AA-paper without standard AA (about 12 minutes per row at one thread):
+#       --subset-1000, the full protocol's AA-paper without standard AA (about 8 minutes per row at one thread):
 #         eval_1000: clean, PGD-20 and AA-paper on the stratified 1,000-image subset, no reliability checks
 #       --cpu-protocol, what a 2-core session affords (about 5 minutes per row at one thread):
 #         eval_clean_10k: clean on all 10,000 test images

@@ -414,8 +414,8 @@ def test_study_reuses_committed_weights(tmp_path):
 
 def test_study_seed_rows_and_cpu_protocol(tmp_path):
     """NAME_seedN trains NAME.yaml with that seed; --cpu-protocol runs the two cheap evaluations, --subset-1000
-    the AA-paper one on the 1,000 images; a row whose
-    JSON is already in docs/results is neither retrained nor re-evaluated; post-hoc rows bring PGD-AT first."""
+    the AA-paper one on the 1,000 images; a row whose JSON is already in docs/results is neither retrained nor
+    re-evaluated; post-hoc rows bring PGD-AT first."""
     (tmp_path / "scripts").mkdir()
     shutil.copy(ROOT / "scripts/study.sh", tmp_path / "scripts/study.sh")
     (tmp_path / "configs/cifar10_lt/posthoc").mkdir(parents=True)
