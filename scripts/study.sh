@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every CPU-reference row of the study (CIFAR-10-LT rho 50, DESIGN.md section 3), resumable:
+# Every CPU-reference row of the study (CIFAR-10-LT rho 50, DESIGN.md section 3; --configs for the GPU rows), resumable:
 #   - train the run if runs/cifar10_lt/NAME/model.pt is missing (post-hoc rows: `robal adjust` of the PGD-AT run;
 #     fine-tune rows start from it, so pgd_at comes first), or copy docs/results/models/NAME.pt, the weights
 #     an earlier session committed, when it exists; a row NAME_seedN is NAME.yaml trained with --set seed=N,
@@ -15,8 +15,11 @@
 #   - one `robal report` table per evaluation kind: docs/results/study_KIND.md.
 # Results that exist are skipped, so the script can be stopped and started again.
 #
-#   scripts/study.sh [--dry-run] [--cpu-protocol | --subset-1000] [NAME ...]
+#   scripts/study.sh [--dry-run] [--cpu-protocol | --subset-1000] [--configs DIR] [NAME ...]
 #   (default: every row, full protocol; --dry-run: print the commands only)
+#   --configs DIR: the rows of another config folder under configs/cifar10_lt, e.g. the full-scale GPU rows
+#   configs/cifar10_lt/full (WRN-34-10) or configs/cifar10_lt/full/resnet18; runs go to runs/cifar10_lt/REST and
+#   results to docs/results/REST, REST being DIR's path below configs/cifar10_lt.
 #
 # Rows: every configs/cifar10_lt/*.yaml (paper Tables 1-2, the balanced controls, and the later methods AT-BSL,
 # AT-BSL-AuA, REAT, TAET, class-wise eps), the seed repeats of PGD-AT and RoBal-N, and
@@ -28,21 +31,28 @@ cd "$(dirname "$0")/.."
 DRY=0
 PROTOCOL=full
 ROWS=()
-for arg in "$@"; do
-  case "$arg" in
+CONFIGS=configs/cifar10_lt
+while [ $# -gt 0 ]; do
+  case "$1" in
     --dry-run) DRY=1 ;;
     --cpu-protocol) PROTOCOL=cpu ;;
     --subset-1000) PROTOCOL=subset ;;
-    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
-    *) ROWS+=("$arg") ;;
+    --configs) CONFIGS=${2:?study.sh: --configs needs a folder}; CONFIGS=${CONFIGS%/}; shift ;;
+    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+    *) ROWS+=("$1") ;;
   esac
+  shift
 done
+case "$CONFIGS" in
+  configs/cifar10_lt|configs/cifar10_lt/*) ;;
+  *) echo "study.sh: --configs $CONFIGS: expected configs/cifar10_lt or a folder below it" >&2; exit 2 ;;
+esac
+if [ ! -d "$CONFIGS" ]; then echo "study.sh: --configs $CONFIGS: no such folder" >&2; exit 2; fi
 if [ -z "${ROBAL:-}" ]; then
   if [ -x .venv/bin/robal ]; then ROBAL=.venv/bin/robal; else ROBAL=robal; fi
 fi
-CONFIGS=configs/cifar10_lt
-RUNS=runs/cifar10_lt
-RESULTS=docs/results
+RUNS=runs/${CONFIGS#configs/}
+RESULTS=docs/results${CONFIGS#configs/cifar10_lt}
 
 run() {
   echo "+ $*"

@@ -447,3 +447,38 @@ def test_study_seed_rows_and_cpu_protocol(tmp_path):
     assert (f"+ robal eval {seed_run} --attacks clean,pgd20,aa-paper --n-test 1000 --checks none "
             f"--json {seed_run}/eval_1000.json") in subset
     assert "eval_full" not in subset and "eval_300" not in subset and "aa-paper,aa " not in subset
+
+
+def test_study_configs_folder_keeps_its_runs_and_results_apart(tmp_path):
+    """--configs configs/cifar10_lt/full/resnet18 trains that folder's rows into runs/cifar10_lt/full/resnet18 and
+    skips rows whose JSONs are in docs/results/full/resnet18, not the CPU rows' docs/results; a folder outside
+    configs/cifar10_lt is refused by name."""
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(ROOT / "scripts/study.sh", tmp_path / "scripts/study.sh")
+    gpu = tmp_path / "configs/cifar10_lt/full/resnet18"
+    gpu.mkdir(parents=True)
+    for name in ("pgd_at", "robal_n"):
+        (tmp_path / f"configs/cifar10_lt/{name}.yaml").write_text("name: cpu\n")
+        (gpu / f"{name}.yaml").write_text("base: ../../pgd_at.yaml\n")
+    (tmp_path / "docs/results/full/resnet18").mkdir(parents=True)
+    for kind in ("eval_full", "eval_aa"):
+        (tmp_path / f"docs/results/pgd_at.{kind}.json").write_text("{}")   # a CPU row's results only
+        (tmp_path / f"docs/results/full/resnet18/robal_n.{kind}.json").write_text("{}")
+
+    def study(*args):
+        return subprocess.run(["bash", str(tmp_path / "scripts/study.sh"), "--dry-run", *args], capture_output=True,
+                              text=True, env={**os.environ, "ROBAL": "robal"})
+
+    out = study("--configs", "configs/cifar10_lt/full/resnet18/", "pgd_at", "robal_n")
+    assert out.returncode == 0, out.stderr
+    run = "runs/cifar10_lt/full/resnet18/pgd_at"
+    assert f"+ robal train configs/cifar10_lt/full/resnet18/pgd_at.yaml --out {run} --resume auto" in out.stdout
+    assert f"+ robal eval {run} --attacks aa-paper,aa --n-test 1000 --json {run}/eval_aa.json" in out.stdout
+    assert "= docs/results/full/resnet18/robal_n.eval_aa.json exists" in out.stdout
+    assert "robal_n.yaml" not in out.stdout
+    cpu = study("pgd_at").stdout
+    assert "= docs/results/pgd_at.eval_aa.json exists" in cpu and "train" not in cpu
+    for folder, why in (("configs/cifar100_lt", "expected configs/cifar10_lt or a folder below it"),
+                        ("configs/cifar10_lt/gpu", "no such folder")):
+        refused = study("--configs", folder, "pgd_at")
+        assert refused.returncode == 2 and f"--configs {folder}: {why}" in refused.stderr

@@ -236,6 +236,19 @@ def test_every_training_config_has_a_full_scale_twin():
         assert cfg.train.epochs == (1 if stem.startswith("finetune_") else 80)
 
 
+def test_resnet18_gpu_rows_differ_from_the_wrn_rows_only_in_backbone():
+    folder = CONFIGS / "cifar10_lt/full/resnet18"
+    assert sorted(p.stem for p in folder.glob("*.yaml")) == ["pgd_at", "robal_n", "robal_r", "trades"]
+    for path in folder.glob("*.yaml"):
+        cfg = load_config(path, validate_files=False).to_dict()
+        wrn = load_config(CONFIGS / "cifar10_lt/full" / path.name, validate_files=False).to_dict()
+        assert (cfg["model"].pop("backbone"), cfg["model"].pop("backbone_args")) == ("resnet18", {})
+        wrn_backbone = (wrn["model"].pop("backbone"), wrn["model"].pop("backbone_args"))
+        assert wrn_backbone == ("wrn34_10", {"depth": 34, "widen": 10})
+        assert cfg.pop("name") == f"cifar10_lt_{path.stem}_resnet18" and wrn.pop("name").endswith("_wrn34_10")
+        assert cfg == wrn
+
+
 # ---------------------------------------------------------------- two-batch training runs on digits
 
 DIGITS = [
