@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every CPU-reference row of the study (CIFAR-10-LT rho 50, DESIGN.md section 3; --configs for the GPU rows), resumable:
+# Every row of the study (CIFAR-10-LT rho 50; the CPU reference setting of DESIGN.md section 3), resumable:
 #   - train the run if runs/cifar10_lt/NAME/model.pt is missing (post-hoc rows: `robal adjust` of the PGD-AT run;
 #     fine-tune rows start from it, so pgd_at comes first), or copy docs/results/models/NAME.pt, the weights
 #     an earlier session committed, when it exists; a row NAME_seedN is NAME.yaml trained with --set seed=N,
@@ -21,8 +21,8 @@
 #   configs/cifar10_lt/full (WRN-34-10) or configs/cifar10_lt/full/resnet18; runs go to runs/cifar10_lt/REST and
 #   results to docs/results/REST, REST being DIR's path below configs/cifar10_lt.
 #
-# Rows: every configs/cifar10_lt/*.yaml (paper Tables 1-2, the balanced controls, and the later methods AT-BSL,
-# AT-BSL-AuA, REAT, TAET, class-wise eps), the seed repeats of PGD-AT and RoBal-N, and
+# Rows: every configs/cifar10_lt/*.yaml, or DIR/*.yaml (paper Tables 1-2, the balanced controls, and the later
+# methods AT-BSL, AT-BSL-AuA, REAT, TAET, class-wise eps), the seed repeats of PGD-AT and RoBal-N, and
 # configs/cifar10_lt/posthoc/*.yaml. The ratio sweep is scripts/ratio_sweep.sh.
 # Set ROBAL to choose the executable (default .venv/bin/robal, else robal on PATH).
 set -euo pipefail
