@@ -16,6 +16,7 @@ from robal.config import Config, load_config
 from robal.data.loader import SAMPLERS
 from robal.losses import LOSSES, ldam_margins
 from robal.models import build_model
+from robal.models.backbones import BACKBONES
 from robal.registry import ConfigError
 from robal.train.checkpoint import atomic_save, load_model, model_checkpoint, read_checkpoint
 from robal.train.frameworks import TrainingAttack
@@ -247,6 +248,13 @@ def test_resnet18_gpu_rows_differ_from_the_wrn_rows_only_in_backbone():
         assert wrn_backbone == ("wrn34_10", {"depth": 34, "widen": 10})
         assert cfg.pop("name") == f"cifar10_lt_{path.stem}_resnet18" and wrn.pop("name").endswith("_wrn34_10")
         assert cfg == wrn
+
+
+def test_gpu_backbones_have_the_parameter_counts_the_docs_give():
+    """docs/results.md and the resnet18 configs' comments: ResNet-18 11M, WRN-34-10 46M parameters."""
+    counts = {name: sum(p.numel() for p in BACKBONES.get(name)(**args).parameters()) / 1e6
+              for name, args in (("resnet18", {}), ("wrn34_10", {"depth": 34, "widen": 10}))}
+    assert round(counts["resnet18"]) == 11 and round(counts["wrn34_10"]) == 46
 
 
 # ---------------------------------------------------------------- two-batch training runs on digits
