@@ -144,9 +144,9 @@ def test_existing_run_dir_needs_overwrite(tiny_run, tmp_path, capsys):
     assert robal_train(run) == 2
     assert "already exists" in capsys.readouterr().err
     assert (run / "model.pt").read_bytes() == before
-    (run / "marker").write_text("old run")
+    (run / "epoch_099.pt").write_bytes(before)  # a file of the old run that the new one does not write
     assert robal_train(run, "--overwrite") == 0
-    assert not (run / "marker").exists()
+    assert not (run / "epoch_099.pt").exists() and not (run / ".robal-replaced").exists()
 
 
 def test_resume_refuses_a_different_config_unless_overwrite(tiny_run, tmp_path, capsys):

@@ -8,6 +8,7 @@ from pathlib import Path
 from .config import load_config
 from .data import prepare_data
 from .evaluate.runner import evaluate_model
+from .rundir import RunDirError, check_replaceable, contents
 from .train.trainer import train
 
 DEMO_CONFIGS = {"PGD-AT": "digits_lt/pgd_at.yaml", "RoBal-N": "digits_lt/robal_n.yaml"}
@@ -17,15 +18,28 @@ def builtin_config(name: str) -> Path:
     return Path(str(resources.files("robal") / "configs" / name))
 
 
-def run_demo(out: str | None = None, epochs: int | None = None) -> dict:
+def check_demo_dirs(root: Path, overwrite: bool) -> None:
+    """Before any training: the demo's run directories under `root` are free, or robal runs to replace."""
+    for name in DEMO_CONFIGS.values():
+        run = root / Path(name).stem
+        if run.exists() and (not run.is_dir() or contents(run)):
+            if not overwrite:
+                raise RunDirError(f"{run} already exists; pass --overwrite to replace the demo's runs in {root}, "
+                                  f"or choose another --out")
+            check_replaceable(run)
+
+
+def run_demo(out: str | None = None, epochs: int | None = None, overwrite: bool = False) -> dict:
     overrides = [f"train.epochs={epochs}", "train.lr_milestones=[]"] if epochs else []
     results = {}
+    if out:
+        check_demo_dirs(Path(out), overwrite)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(out) if out else Path(tmp)
         for label, name in DEMO_CONFIGS.items():
             cfg = load_config(builtin_config(name), overrides)
             print(f"== training {label} ({name}, {cfg.train.epochs} epochs, eps {cfg.train.attack.eps}) ==")
-            model = train(cfg, root / Path(name).stem, overwrite=True, progress=False)
+            model = train(cfg, root / Path(name).stem, overwrite=overwrite, progress=False)
             data = prepare_data(cfg.data)
             results[label] = evaluate_model(model, data.x_test, data.y_test, ["pgd20"], cfg.eval.eps,
                                             cfg.eval.step_size, data.class_counts, progress=False)

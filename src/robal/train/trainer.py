@@ -6,7 +6,6 @@ import json
 import math
 import os
 import random
-import shutil
 import time
 from pathlib import Path
 
@@ -21,9 +20,11 @@ from ..data import DeviceLoader, prepare_data
 from ..losses import LOSSES
 from ..models import build_model
 from ..registry import ConfigError
+from ..rundir import RunDirError, RunLock, check_replaceable, contents, discard_replaced, inside, set_aside
 from .checkpoint import (CheckpointError, atomic_save, checkpoint_paths, latest_good_checkpoint, model_checkpoint,
                          prune, read_checkpoint, rng_state, set_rng_state)
 from .frameworks import FRAMEWORKS, TrainingAttack, eval_mode  # noqa: F401 (re-exported)
+from .preflight import try_one_batch
 from .stages import build_framework
 from .weighting import WEIGHTINGS
 
@@ -37,7 +38,11 @@ def resolve_device(name: str) -> torch.device:
         if torch.cuda.is_available():
             return torch.device("cuda")
         return torch.device("cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device: '{name}' needs CUDA, which this torch ({torch.__version__}) cannot use here; "
+                          f"set device: auto (a GPU when there is one) or cpu")
+    return device
 
 
 def seed_everything(seed: int) -> None:
@@ -83,18 +88,43 @@ def config_differences(old: dict, new: dict) -> list[str]:
             if old.get(k, unset) != new.get(k, unset)]
 
 
-def prepare_run_dir(out: Path, config: dict, resume: bool | str, overwrite: bool) -> bool:
-    """Check the run directory before anything is written there; True when the run in it is to be continued.
+def check_new_run_dir(out: Path, overwrite: bool) -> bool:
+    """A new run may go into `out`: it is empty (False), or it is a robal run to replace with --overwrite (True)."""
+    if not contents(out):
+        return False
+    if not overwrite:
+        raise FileExistsError(f"run directory {out} already exists and is not empty; pass --resume to continue "
+                              f"it or --overwrite to replace it")
+    check_replaceable(out)
+    return True
 
-    resume=False starts a new run (a non-empty `out` needs overwrite=True, and is deleted); resume=True continues
-    the run in `out`, which must exist; resume="auto" continues it if there is one, else starts a new one.
-    A run is continued only with the config it was started with, unless overwrite=True.
+
+def prepare_run_dir(out: Path, config: dict, resume: bool | str, overwrite: bool, lock: RunLock | None = None) -> bool:
+    """Check the run directory (and take its lock) before anything is written there; True when the run in it is
+    to be continued.
+
+    resume=False starts a new run: a non-empty `out` needs overwrite=True and must be a robal run holding only
+    robal's files (rundir.py); it is set aside until the new run's first checkpoint. resume=True continues the run
+    in `out`, which must exist; resume="auto" continues it if there is one, else starts a new one. A run is
+    continued only with the config it was started with, unless overwrite=True.
     """
+    out = Path(out)
     saved = out / "config.yaml"
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"--out {out} is a file, not a directory; choose a directory for the run")
+    if resume is True and not saved.is_file():
+        raise FileNotFoundError(f"nothing to resume: {out} holds no run (no config.yaml); leave out --resume "
+                                f"to start one")
+    continuing = bool(resume) and saved.is_file()
+    if not continuing and out.is_dir():
+        check_new_run_dir(out, overwrite)  # before the lock file goes into a folder that is not a run
+    out.mkdir(parents=True, exist_ok=True)
+    if lock is not None:
+        lock.acquire()
     if resume and saved.is_file():
         try:
             old = yaml.safe_load(saved.read_text())
-        except yaml.YAMLError as err:
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
             raise ConfigError(f"{saved} is not valid YAML ({err}); pass --overwrite to start the run again") from None
         differences = config_differences(old if isinstance(old, dict) else {}, config)
         if differences and not overwrite:
@@ -103,15 +133,9 @@ def prepare_run_dir(out: Path, config: dict, resume: bool | str, overwrite: bool
         if differences:
             print(f"warning: continuing {out} with a changed config: {'; '.join(differences)}")
         return True
-    if resume is True:
-        raise FileNotFoundError(f"nothing to resume: {out} holds no run (no config.yaml); leave out --resume "
-                                f"to start one")
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"run directory {out} already exists and is not empty; pass --resume to continue "
-                                  f"it or --overwrite to replace it")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if check_new_run_dir(out, overwrite):
+        aside = set_aside(out)
+        print(f"replacing the run in {out}; the old run is kept in {aside} until the new run's first checkpoint")
     return False
 
 
@@ -135,23 +159,29 @@ TRAINABLE = {
 
 
 class Trainer:
-    def __init__(self, cfg: Config, out: str | Path, resume: bool | str = False, overwrite: bool = False,
+    def __init__(self, cfg: Config, out: str | Path | None, resume: bool | str = False, overwrite: bool = False,
                  progress: bool = True):
-        self.cfg, self.out = cfg, Path(out)
+        """Builds everything and tries one training step on a copy of the model before the run directory `out`
+        is touched; out=None (a dry run) stops there and writes nothing."""
+        self.cfg, self.out = cfg, Path(out) if out is not None else None
+        t = cfg.train
+        if self.out is not None and overwrite and not resume and t.init_from and inside(t.init_from, self.out):
+            raise ConfigError(f"train.init_from: {t.init_from} lies inside --out {self.out}, which --overwrite "
+                              f"would replace; write the new run to another directory")
         # under torchrun: join the process group, this rank's device (robal/distributed.py)
         self.ctx, self.device = distributed.setup(cfg.device)
         self.progress = progress and self.ctx.main
         seed_everything(cfg.seed)
-        # bad data fails before the run directory is touched; rank 0 loads (or downloads) it and sends it
+        # rank 0 loads (or downloads) the data and sends it
         self.data = distributed.main_first(prepare_data, cfg.data)
-        resume = distributed.main_first(prepare_run_dir, self.out, cfg.to_dict(), resume, overwrite)
-        t = cfg.train
         self.model = build_model(model_spec(cfg, self.data))
         if t.init_from:
             init_from_checkpoint(self.model, t.init_from, t.reset_head)
         self.model.to(self.device)
         if t.channels_last:
             self.model.to(memory_format=torch.channels_last)
+        try_one_batch(self.model, t, self.data.class_counts, self.data.x_train, self.data.y_train, self.device,
+                      lambda: autocast_for(self.device, t.amp))
         if self.ctx.distributed and t.sync_bn:
             distributed.use_global_batchnorm(self.model)
         if t.compile:  # in place: state_dict keys and checkpoints stay as they are
@@ -173,11 +203,24 @@ class Trainer:
         self.sync = distributed.GradientSync(self.model, params, self.ctx.world) if self.ctx.distributed else None
         self.start_epoch = 0
         self.skipped = 0  # non-finite batches skipped so far in this run (train.skip_nonfinite)
+        self.lock = RunLock(self.out) if self.out is not None and self.ctx.main else None
+        if self.out is None:
+            return
+        try:
+            self._open(resume, overwrite)
+        except BaseException:
+            if self.lock is not None:
+                self.lock.release()
+            raise
+
+    def _open(self, resume: bool | str, overwrite: bool) -> None:
+        """Lock the run directory, check or set aside what is there, resume, write the resolved config."""
+        resume = distributed.main_first(prepare_run_dir, self.out, self.cfg.to_dict(), resume, overwrite, self.lock)
         if resume:
             self._resume()
         if self.ctx.main:  # only rank 0 writes in the run directory
             tmp = self.out / ".config.yaml.tmp"
-            tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            tmp.write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
             os.replace(tmp, self.out / "config.yaml")
 
     # ------------------------------------------------------------ state
@@ -231,6 +274,7 @@ class Trainer:
         ckpt["rng"] = rng_state(self.loader.generator)
         atomic_save(ckpt, self.out / f"epoch_{epoch:03d}.pt")
         prune(self.out, self.cfg.train.keep_last)
+        discard_replaced(self.out)  # the new run can be resumed now: the run it replaced goes
 
     @torch.no_grad()
     def logit_scale(self) -> float:
@@ -346,6 +390,13 @@ class Trainer:
         return out
 
     def fit(self):
+        try:
+            return self._fit()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+
+    def _fit(self):
         t = self.cfg.train
         for epoch in range(self.start_epoch, t.epochs):
             record = self.train_epoch(epoch)
@@ -358,6 +409,7 @@ class Trainer:
                 self.save_epoch(epoch + 1)
         if self.ctx.main:
             atomic_save(model_checkpoint(self.model, self.meta(t.epochs)), self.out / "model.pt")
+            discard_replaced(self.out)
         distributed.barrier()  # on every rank, model.pt exists once fit returns
         return self.model
 
