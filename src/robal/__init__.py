@@ -1,5 +1,5 @@
 """robal: adversarial robustness under long-tailed data."""
+from ._version import __version__
 from .train.checkpoint import load_model
 
-__version__ = "0.1.0"
 __all__ = ["load_model", "__version__"]

@@ -226,12 +226,45 @@ def read_yaml(path: Path, seen: tuple = ()) -> dict:
     return deep_merge(read_yaml(path.parent / base, seen + (path.resolve(),)), data)
 
 
+PACKAGED_CONFIGS = Path(__file__).parent / "configs"  # the repository's configs/ links here
+
+
+def resolve_config(path: str | Path) -> Path:
+    """The config file `path` names: the file itself when it exists, else the config of that name packaged with
+    robal (`cifar10_lt/robal_n`, with or without `.yaml`, or `configs/cifar10_lt/robal_n.yaml`)."""
+    given = Path(path)
+    if given.is_file():
+        return given
+    name = given.as_posix().removeprefix("configs/")
+    if not given.is_absolute() and ".." not in given.parts:
+        for candidate in (name, name + ".yaml"):
+            if (PACKAGED_CONFIGS / candidate).is_file():
+                return PACKAGED_CONFIGS / candidate
+    known = sorted(q.relative_to(PACKAGED_CONFIGS).with_suffix("").as_posix()
+                   for q in PACKAGED_CONFIGS.rglob("*.yaml"))
+    folder = Path(name).parent.as_posix()
+    nearby = [k for k in known if Path(k).parent.as_posix() == folder] if folder != "." else []
+    listing = (f"packaged configs in {folder}/: {', '.join(Path(k).name for k in nearby)}" if nearby else
+               f"packaged config folders: {', '.join(sorted({Path(k).parent.as_posix() + '/' for k in known}))}")
+    raise ConfigError(f"config {path}: no such file ({given.absolute()}) and no packaged config of that name (in "
+                      f"{PACKAGED_CONFIGS}){did_you_mean(name.removesuffix('.yaml'), known)}; {listing}")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = (), validate_files: bool = True) -> Config:
-    data: dict[str, Any] = read_yaml(Path(path)) if path is not None else {}
+    source = resolve_config(path) if path is not None else None
+    data: dict[str, Any] = read_yaml(source) if source is not None else {}
     for assignment in overrides:
         set_override(data, assignment)
     cfg = from_dict(Config, data)
-    validate(cfg, check_files=validate_files)
+    try:
+        validate(cfg, check_files=validate_files)
+    except ConfigError as err:
+        packaged = source is not None and source != Path(path)
+        if not packaged or not str(err).startswith("data.path") or Path(cfg.data.path or "").is_absolute():
+            raise
+        # a packaged config's relative data.path is read from the working directory, not from the package
+        raise ConfigError(f"{err} (packaged config {Path(path).as_posix()}: data.path is taken from the working "
+                          f"directory {Path.cwd()}; give the data's place with --set data.path=PATH)") from None
     return cfg
 
 
