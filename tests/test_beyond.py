@@ -196,10 +196,22 @@ def test_trades_attack_passes_labels_to_a_classwise_budget():
     cfg = load_config(CONFIGS / "cifar10_lt/trades.yaml",
                       ["train.attack.budget=power", "train.attack.budget_args={tau: 0.5}"], validate_files=False)
     fw = build_framework(cfg.train, COUNTS)
+    assert fw.attack.loss == "kl"  # the attack's target is the clean softmax, so the labels must come separately
+    torch.manual_seed(0)
     model = build_model(_spec()).train()
+    seen = []  # the images the training logits are taken of: the last ones are the adversarial images
+    training_logits = model.training_logits
+    model.training_logits = lambda v: (seen.append(v.detach().clone()), training_logits(v))[1]
     x, y = torch.rand(8, 1, 8, 8), torch.tensor([0, 1, 2, 3] * 2)
     loss, _, _ = fw(model, x, y)
     assert torch.isfinite(loss)
+    radii = fw.attack.class_eps  # eps * min((n_max / n_c)^0.5, 2): 8/255, 12.6/255, 16/255, 16/255
+    eps = cfg.train.attack.eps
+    assert radii.tolist() == pytest.approx([eps * min((100 / n) ** 0.5, 2.0) for n in COUNTS], rel=1e-5)
+    delta = (seen[-1] - x).abs().flatten(1).amax(1)
+    assert (delta <= radii[y] + 1e-6).all()
+    for c in range(4):  # each image reaches (about) its own class's radius, beyond eps for the rarer classes
+        assert delta[y == c].max() > 0.9 * radii[c]
 
 
 # ---------------------------------------------------------------- stages (TAET)
