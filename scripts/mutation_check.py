@@ -416,7 +416,8 @@ def main(argv=None) -> int:
     print(f"| {'mutation':{width}} | {'file':22} | {'description':90} | result |")
     print(f"| {'-' * width} | {'-' * 22} | {'-' * 90} | ------ |")
     for mu, result, _ in rows:
-        print(f"| {mu.id:{width}} | {mu.file:22} | {mu.description:90} | {result} |")
+        description = mu.description.replace("|", "\\|")  # KL(p || q), ||w||: markdown cells
+        print(f"| {mu.id:{width}} | {mu.file:22} | {description:90} | {result} |")
     caught = sum(result.startswith("caught") for _, result, _ in rows)
     print(f"caught {caught} of {len(rows)}")
     return 0 if caught == len(rows) else 1
