@@ -1,4 +1,4 @@
-"""robal train | eval | report | adjust | tune-tau | demo  (see README.md)."""
+"""robal train | eval | report | adjust | tune-tau | split | demo  (see README.md)."""
 from __future__ import annotations
 
 import argparse
@@ -280,6 +280,24 @@ def cmd_adjust(args) -> int:
     return 0
 
 
+def _add_split(sub):
+    p = sub.add_parser("split", help="write the training images a config chooses as a split file (folder data)")
+    p.add_argument("config", help="YAML config (data.source: folder or tiny_imagenet), or a packaged config's name")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set data.root=DIR (repeatable)")
+    p.add_argument("--out", required=True, help="the split file to write (`relative/path label` lines)")
+    p.set_defaults(func=cmd_split)
+
+
+def cmd_split(args) -> int:
+    from .config import load_config
+    from .data.split_command import write_training_split
+
+    path, counts = write_training_split(load_config(args.config, args.overrides).data, args.out, args.config)
+    print(f"wrote {path}: {sum(counts)} training images, per class {counts}")
+    return 0
+
+
 def _add_demo(sub):
     p = sub.add_parser("demo", help="long-tailed digits: PGD-AT vs RoBal in about a minute on a CPU")
     p.add_argument("--out", default=None, help="keep the runs here (default: a temporary directory)")
@@ -297,7 +315,7 @@ def cmd_demo(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="robal", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_train, _add_eval, _add_report, _add_tune_tau, _add_adjust, _add_demo):
+    for add in (_add_train, _add_eval, _add_report, _add_tune_tau, _add_adjust, _add_split, _add_demo):
         add(sub)
     return parser
 

@@ -19,8 +19,16 @@ STEP_2 = 2 / 255
 
 @dataclass
 class DataConfig:
-    source: str = "npz"                  # cifar10 | cifar100 | npz | digits
+    source: str = "npz"                  # cifar10 | cifar100 | npz | digits | folder | tiny_imagenet
     path: str | None = None              # relative paths are taken from the working directory
+    root: str | None = None              # folder | tiny_imagenet: the dataset's folder (data/folder.py)
+    train_list: str | None = None        # split files of `relative/path label` lines, relative to data.root
+    test_list: str | None = None
+    image_size: int | None = None        # folder sources: shorter side to data.resize, center crop S x S
+    resize: int | None = None            # default: image_size
+    workers: int = 0                     # folder sources: processes decoding the images (0: this one)
+    crop: str = "pad"                    # training crop: pad (data.crop_padding) | random_resized
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # random_resized: area fractions
     download: bool = False
     source_args: dict = field(default_factory=dict)
     subset: str = "long_tailed"          # long_tailed | matched_balanced | full
@@ -287,7 +295,7 @@ def _is_device(name: str) -> bool:
 
 def validate(cfg: Config, check_files: bool = True) -> None:
     from .attacks import ATTACK_LOSSES, EVAL_ATTACKS
-    from .data import SUBSETS
+    from .data import SUBSETS, validate_image_keys
     from .data.loader import SAMPLERS
     from .data.sources import SOURCES
     from .losses import LOSSES
@@ -309,6 +317,7 @@ def validate(cfg: Config, check_files: bool = True) -> None:
     _require(d.n_max is None or d.n_max >= 1, "data.n_max", f"must be >= 1; got {d.n_max}")
     _require(d.val_per_class >= 0, "data.val_per_class", f"must be >= 0; got {d.val_per_class}")
     _require(d.crop_padding >= 0, "data.crop_padding", f"must be >= 0; got {d.crop_padding}")
+    validate_image_keys(d, check_files)  # data.root, split files, image_size, crop (robal/data/__init__.py)
     if check_files and d.source in ("npz",):
         _require(d.path is not None, "data.path", "the npz source needs a file path")
         _require(Path(d.path).is_file(), "data.path", f"file {d.path} does not exist")

@@ -1,13 +1,15 @@
 """Data: sources, long-tailed subsets, on-device batching."""
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import numpy as np
 
-from .loader import SAMPLERS, DeviceLoader
+from . import folder, tiny_imagenet  # noqa: F401 (registers the folder and tiny_imagenet sources)
+from .loader import CROPS, SAMPLERS, DeviceLoader
 from .longtail import long_tailed_counts, matched_balanced_counts, stratified_indices, subsample_indices
-from .sources import DataError, ImageDataset, SOURCES, load_source
+from .sources import DataError, ImageDataset, ROOT_SOURCES, SOURCES, load_source
 
 
 def _long_tailed(cfg, available: list[int]) -> list[int]:
@@ -46,14 +48,34 @@ def class_counts_of(labels: np.ndarray, num_classes: int) -> list[int]:
     return np.bincount(labels, minlength=num_classes).astype(int).tolist()
 
 
-def prepare_data(cfg) -> PreparedData:
-    """Load the source, keep the configured subset per class (seeded), carve a validation split from it."""
-    ds = load_source(cfg.source, cfg.path, cfg.download, **cfg.source_args)
+# DataConfig keys handed to the sources that take them (the folder sources), besides data.source_args
+FOLDER_KEYS = ("train_list", "test_list", "image_size", "resize", "workers")
+
+
+def load_configured_source(cfg) -> ImageDataset:
+    """The dataset of a DataConfig: its source, read from data.root (folder sources) or data.path."""
+    options = dict(cfg.source_args)
+    if cfg.source in SOURCES:
+        params = inspect.signature(SOURCES[cfg.source]).parameters
+        options.update({k: getattr(cfg, k) for k in FOLDER_KEYS if k in params and getattr(cfg, k) is not None})
+    path = cfg.root if cfg.source in ROOT_SOURCES else cfg.path
+    return load_source(cfg.source, path, cfg.download, **options)
+
+
+def training_subset(cfg, ds: ImageDataset) -> np.ndarray:
+    """Indices of the training images the configured subset keeps (data.subset, seeded), grouped by class."""
     available = class_counts_of(ds.y_train, ds.num_classes)
     counts = SUBSETS[cfg.subset](cfg, available)
     if any(c > a for c, a in zip(counts, available)):
         raise DataError(f"data.n_max: the subset needs {counts} images per class but {ds.name} has {available}")
-    keep = subsample_indices(ds.y_train, counts, cfg.subset_seed)
+    return subsample_indices(ds.y_train, counts, cfg.subset_seed)
+
+
+def prepare_data(cfg) -> PreparedData:
+    """Load the source, keep the configured subset per class (seeded), carve a validation split from it."""
+    ds = load_configured_source(cfg)
+    keep = training_subset(cfg, ds)
+    counts = class_counts_of(ds.y_train[keep], ds.num_classes)
     x, y = ds.x_train[keep], ds.y_train[keep]
     val = np.zeros(0, dtype=np.int64)
     if cfg.val_per_class:
@@ -69,6 +91,56 @@ def prepare_data(cfg) -> PreparedData:
                         pixels.mean(0).tolist(), pixels.std(0).tolist())
 
 
+def build_train_loader(cfg, data: PreparedData, batch_size: int, device, sampler: str = "random", seed: int = 0,
+                       channels_last: bool = False, shard: tuple[int, int] = (0, 1)):
+    """The training batches of a DataConfig: crop (data.crop), flip and augmentation on the device."""
+    return DeviceLoader(data.x_train, data.y_train, batch_size, device, sampler, cfg.crop_padding, cfg.flip,
+                        seed=seed, channels_last=channels_last, shard=shard, augment=cfg.augment,
+                        augment_args=cfg.augment_args, crop=cfg.crop, crop_scale=cfg.crop_scale)
+
+
+def validate_image_keys(d, check_files: bool = True) -> None:
+    """Config checks of data.root, data.train_list / data.test_list, data.image_size, data.resize, data.workers,
+    data.crop and data.crop_scale; a ConfigError names the key."""
+    from pathlib import Path
+
+    from ..registry import ConfigError
+
+    def require(ok, key, message):
+        if not ok:
+            raise ConfigError(f"{key}: {message}")
+
+    folder_source = d.source in ROOT_SOURCES
+    readers = ", ".join(sorted(ROOT_SOURCES))
+    if folder_source:
+        require(d.root is not None, "data.root", f"source '{d.source}' reads a folder of images from data.root"
+                + (f" (not data.path: set data.root: {d.path})" if d.path is not None else ""))
+        require(d.path is None, "data.path", f"source '{d.source}' reads data.root, not data.path; remove data.path")
+        if check_files and not (d.source == "tiny_imagenet" and d.download):
+            require(Path(d.root).is_dir(), "data.root", f"{d.root} is not a directory")
+    else:
+        require(d.root is None, "data.root", f"only the {readers} sources read data.root; source '{d.source}' reads "
+                                             f"data.path")
+    for key in ("train_list", "test_list", "image_size", "resize"):
+        require(folder_source or getattr(d, key) is None, f"data.{key}",
+                f"only the {readers} sources take it; source '{d.source}' does not")
+    for key in ("train_list", "test_list"):
+        name = getattr(d, key)
+        if check_files and name is not None and Path(d.root or ".").is_dir():
+            require(Path(name).is_file() or (Path(d.root) / name).is_file(), f"data.{key}",
+                    f"split file {name} not found (neither from the working directory nor in data.root {d.root})")
+    require(d.image_size is None or d.image_size >= 1, "data.image_size", f"must be >= 1; got {d.image_size}")
+    if d.resize is not None:
+        require(d.image_size is not None, "data.resize", "needs data.image_size (the center crop after the resize)")
+        require(d.resize >= d.image_size, "data.resize",
+                f"the shorter side ({d.resize}) must be >= data.image_size ({d.image_size}) to center-crop it")
+    require(d.workers >= 0, "data.workers", f"must be >= 0; got {d.workers}")
+    require(d.crop in CROPS, "data.crop", f"must be one of {', '.join(CROPS)}; got '{d.crop}'")
+    require(len(d.crop_scale) == 2 and 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1, "data.crop_scale",
+            f"must be [min, max] area fractions with 0 < min <= max <= 1; got {d.crop_scale}")
+
+
 __all__ = ["DataError", "DeviceLoader", "ImageDataset", "PreparedData", "SAMPLERS", "SOURCES", "SUBSETS",
-           "class_counts_of", "load_source", "long_tailed_counts", "matched_balanced_counts", "prepare_data",
-           "stratified_indices", "subsample_indices"]
+           "build_train_loader", "class_counts_of", "load_configured_source", "load_source", "long_tailed_counts",
+           "matched_balanced_counts", "prepare_data", "stratified_indices", "subsample_indices", "training_subset",
+           "validate_image_keys"]

@@ -1,6 +1,8 @@
 """The training set as one uint8 tensor on the device; batches are sampled, cropped and flipped there."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -67,6 +69,36 @@ def random_crop_flip(x: torch.Tensor, padding: int, flip: bool, generator: torch
     return x
 
 
+def random_resized_crop(x: torch.Tensor, scale: tuple[float, float], generator: torch.Generator,
+                        ratio: tuple[float, float] = (3 / 4, 4 / 3), tries: int = 10) -> torch.Tensor:
+    """Inception-style random-resized crop of a whole NCHW batch, resized back to its own H x W.
+
+    Each image draws `tries` boxes (area a fraction U(scale) of the image, aspect ratio w/h log-uniform in
+    `ratio`) and takes the first that fits, else the whole image; the box's top-left corner is uniform over the
+    positions where it fits. One bilinear grid_sample resamples every box. All draws come from `generator`,
+    a fixed number per image."""
+    n, _, h, w = x.shape
+    area = h * w * torch.empty(n, tries).uniform_(scale[0], scale[1], generator=generator)
+    log_r = torch.empty(n, tries).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
+    bw = torch.sqrt(area * torch.exp(log_r)).round()
+    bh = torch.sqrt(area / torch.exp(log_r)).round()
+    fits = (bw >= 1) & (bw <= w) & (bh >= 1) & (bh <= h)
+    first = fits.float().argmax(1)                        # index of the first box that fits (0 if none does)
+    found = fits.any(1)
+    bw = torch.where(found, bw[torch.arange(n), first], torch.tensor(float(w)))
+    bh = torch.where(found, bh[torch.arange(n), first], torch.tensor(float(h)))
+    x0 = (torch.rand(n, generator=generator) * (w - bw + 1)).floor()
+    y0 = (torch.rand(n, generator=generator) * (h - bh + 1)).floor()
+    theta = torch.zeros(n, 2, 3)                          # output [-1, 1] coordinates -> input coordinates
+    theta[:, 0, 0], theta[:, 0, 2] = bw / w, (2 * x0 + bw) / w - 1
+    theta[:, 1, 1], theta[:, 1, 2] = bh / h, (2 * y0 + bh) / h - 1
+    grid = torch.nn.functional.affine_grid(theta.to(x.device, x.dtype), [n, x.shape[1], h, w], align_corners=False)
+    return torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+CROPS = ("pad", "random_resized")  # data.crop
+
+
 class DeviceLoader:
     """Iterates (images in [0, 1] NCHW float, labels) over a uint8 HWC array held on `device`.
 
@@ -77,13 +109,16 @@ class DeviceLoader:
     def __init__(self, x: np.ndarray, y: np.ndarray, batch_size: int, device: torch.device | str = "cpu",
                  sampler: str = "random", crop_padding: int = 0, flip: bool = False, seed: int = 0,
                  channels_last: bool = False, shard: tuple[int, int] = (0, 1), augment: str = "crop_flip",
-                 augment_args: dict | None = None):
+                 augment_args: dict | None = None, crop: str = "pad", crop_scale: tuple[float, float] = (0.08, 1.0)):
         self.x = torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).contiguous().to(device)
         self.y = torch.as_tensor(y, dtype=torch.long).to(device)
         self.labels_cpu = torch.as_tensor(y, dtype=torch.long)
         self.batch_size = batch_size
         self.order_fn = SAMPLERS.get(sampler, "train.sampler")
         self.crop_padding, self.flip = crop_padding, flip
+        if crop not in CROPS:
+            raise ValueError(f"data.crop must be one of {', '.join(CROPS)}; got '{crop}'")
+        self.crop, self.crop_scale = crop, tuple(crop_scale)
         self.channels_last = channels_last
         self.rank, self.world = shard
         self.global_batch = 0  # size of the last global batch yielded (this rank's slice may be smaller)
@@ -96,6 +131,13 @@ class DeviceLoader:
     def epoch_order(self) -> torch.Tensor:
         return self.order_fn(self.labels_cpu, self.generator)
 
+    def crop_and_flip(self, x: torch.Tensor) -> torch.Tensor:
+        """data.crop: `pad` (zero-padded random crop of data.crop_padding) or `random_resized`, then the flip."""
+        if self.crop == "random_resized":
+            return random_crop_flip(random_resized_crop(x, self.crop_scale, self.generator), 0, self.flip,
+                                    self.generator)
+        return random_crop_flip(x, self.crop_padding, self.flip, self.generator)
+
     def __iter__(self):
         order = self.epoch_order()
         for start in range(0, len(order), self.batch_size):
@@ -104,7 +146,7 @@ class DeviceLoader:
             x = to_float(self.x[idx.to(self.x.device)])
             if self.augment is not None:  # strong augmentation first, then crop and flip (AT-BSL's order)
                 x = self.augment(x, self.generator)
-            x = random_crop_flip(x, self.crop_padding, self.flip, self.generator)
+            x = self.crop_and_flip(x)
             y = self.y[idx.to(self.y.device)]
             self.global_batch = len(idx)
             if self.world > 1:

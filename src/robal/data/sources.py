@@ -44,6 +44,10 @@ class ImageDataset:
     y_test: np.ndarray = field(repr=False)   # int64 (M,)
     class_names: list[str]
     name: str
+    # image files the arrays were decoded from (folder sources), relative to `root`; None for array sources
+    train_files: list[str] | None = field(default=None, repr=False)
+    test_files: list[str] | None = field(default=None, repr=False)
+    root: str | None = None
 
     @property
     def num_classes(self) -> int:
@@ -55,14 +59,18 @@ class DataError(ValueError):
 
 
 SOURCES: dict[str, Callable[..., ImageDataset]] = {}
+ROOT_SOURCES: set[str] = set()  # sources whose `path` is the dataset folder `data.root` (not `data.path`)
 
 
-def register_source(name: str):
-    """Decorator: `@register_source("cifar10")` makes `load_source("cifar10", ...)` call the function."""
+def register_source(name: str, reads_root: bool = False):
+    """Decorator: `@register_source("cifar10")` makes `load_source("cifar10", ...)` call the function; with
+    reads_root=True its `path` comes from `data.root` (a folder of images) instead of `data.path`."""
     def add(fn):
         if name in SOURCES:
             raise KeyError(f"data source '{name}' is registered twice")
         SOURCES[name] = fn
+        if reads_root:
+            ROOT_SOURCES.add(name)
         return fn
     return add
 

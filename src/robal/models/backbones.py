@@ -52,6 +52,30 @@ class PreActBlock(nn.Module):
         return self.conv2(out) + shortcut
 
 
+class Bottleneck(nn.Module):
+    """ResNet-50 block: 1x1 reduce, 3x3 (carrying the stride, as torchvision's "v1.5"), 1x1 expand by 4, each
+    conv followed by BatchNorm; the shortcut projects when shapes change; relu after the sum."""
+    expansion = 4
+
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        mid = c_out // self.expansion
+        self.conv1 = nn.Conv2d(c_in, mid, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(mid)
+        self.conv2 = nn.Conv2d(mid, mid, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(mid)
+        self.conv3 = nn.Conv2d(mid, c_out, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        return F.relu(self.bn3(self.conv3(out)) + self.shortcut(x))
+
+
 def _stage(block, c_in: int, c_out: int, n: int, stride: int, **kw) -> nn.Sequential:
     layers = [block(c_in, c_out, stride, **kw)] + [block(c_out, c_out, 1, **kw) for _ in range(n - 1)]
     return nn.Sequential(*layers)
@@ -109,6 +133,24 @@ class WideResNet(nn.Module):
         return F.adaptive_avg_pool2d(out, 1).flatten(1)
 
 
+class ImageNetResNet(nn.Module):
+    """ImageNet ResNet-50 (He et al.): 7x7 stride-2 stem and 3x3 max-pool, then four stages of bottleneck blocks
+    (3, 4, 6, 3) with 4 * width, ..., 32 * width output channels (2048 features at width 64), the last three
+    halving the resolution. For 224-pixel images (ImageNet-LT); 23.5M parameters without the head."""
+
+    def __init__(self, width: int = 64, in_channels: int = 3, blocks=(3, 4, 6, 3)):
+        super().__init__()
+        w = [4 * width * 2 ** i for i in range(4)]
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 7, 2, 3, bias=False), nn.BatchNorm2d(width),
+                                  nn.ReLU(), nn.MaxPool2d(3, 2, 1))
+        self.stages = nn.Sequential(*[_stage(Bottleneck, ([width] + w)[i], w[i], n, 1 if i == 0 else 2)
+                                      for i, n in enumerate(blocks)])
+        self.feature_dim = w[-1]
+
+    def forward(self, x):
+        return F.adaptive_avg_pool2d(self.stages(self.stem(x)), 1).flatten(1)
+
+
 class SmallCNN(nn.Module):
     """Three 3x3 conv layers with BatchNorm for 8x8 digits (BatchNorm keeps cosine heads trainable at lr 0.1)."""
 
@@ -134,6 +176,11 @@ def resnet18(width: int = 64, in_channels: int = 3) -> nn.Module:
 @BACKBONES.register("preact_resnet18")
 def preact_resnet18(width: int = 64, in_channels: int = 3) -> nn.Module:
     return PreActResNet(width, in_channels)
+
+
+@BACKBONES.register("resnet50")
+def resnet50(width: int = 64, in_channels: int = 3) -> nn.Module:
+    return ImageNetResNet(width, in_channels)
 
 
 @BACKBONES.register("wrn34_10")

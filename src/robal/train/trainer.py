@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from .. import distributed
 from ..config import Config, from_dict
-from ..data import DeviceLoader, prepare_data
+from ..data import build_train_loader, prepare_data
 from ..losses import LOSSES
 from ..models import build_model
 from ..registry import ConfigError
@@ -196,10 +196,9 @@ class Trainer:
         # framework + loss + attack (with its eps budget), and the epoch-ranged train.stages (stages.py)
         self.framework = build_framework(t, self.data.class_counts, self.device)
         self.loss = self.framework.loss
-        self.loader = DeviceLoader(self.data.x_train, self.data.y_train, t.batch_size, self.device, t.sampler,
-                                   cfg.data.crop_padding, cfg.data.flip, seed=cfg.seed, channels_last=t.channels_last,
-                                   augment=cfg.data.augment, augment_args=cfg.data.augment_args,
-                                   shard=self.ctx.shard)  # each rank: its slice of every global batch
+        self.loader = build_train_loader(cfg.data, self.data, t.batch_size, self.device, t.sampler, seed=cfg.seed,
+                                         channels_last=t.channels_last,
+                                         shard=self.ctx.shard)  # each rank: its slice of every global batch
         self.sync = distributed.GradientSync(self.model, params, self.ctx.world) if self.ctx.distributed else None
         self.start_epoch = 0
         self.skipped = 0  # non-finite batches skipped so far in this run (train.skip_nonfinite)
