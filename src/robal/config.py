@@ -27,6 +27,8 @@ class DataConfig:
     image_size: int | None = None        # folder sources: shorter side to data.resize, center crop S x S
     resize: int | None = None            # default: image_size
     workers: int = 0                     # folder sources: processes decoding the images (0: this one)
+    loader: str = "memory"               # memory (uint8 tensor on the device) | streaming (data/streaming.py)
+    cache: str | None = None             # folder sources: a folder keeping the decoded images (decode once)
     crop: str = "pad"                    # training crop: pad (data.crop_padding) | random_resized
     crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # random_resized: area fractions
     download: bool = False
@@ -92,6 +94,7 @@ class TrainConfig:
     skip_nonfinite: int = 0              # skip up to N batches with a non-finite loss (no step); stop beyond N
     sync_bn: bool = False                # several ranks (torchrun): BatchNorm on the global batch's statistics
     stages: list[dict] = field(default_factory=list)  # [{until_epoch, framework, loss, ...}] before the main one
+    overfit_guard: dict = field(default_factory=dict)  # {action: off|log|stop|restore, ...} (train/guard.py)
 
 
 @dataclass
@@ -389,6 +392,7 @@ def _validate_beyond(cfg: Config) -> None:
     """data.augment, train.attack.budget and train.stages (docs/methods.md, "Beyond the paper")."""
     from .data.augment import AUGMENTS, build_augment
     from .train.budgets import EPS_BUDGETS
+    from .train.guard import guard_settings
     from .train.stages import validate_stages
 
     d, t, a = cfg.data, cfg.train, cfg.train.attack
@@ -405,3 +409,4 @@ def _validate_beyond(cfg: Config) -> None:
             raise
         raise ConfigError(f"train.attack.budget_args: {err}") from None
     validate_stages(t)
+    guard_settings(t.overfit_guard)

@@ -49,15 +49,20 @@ def class_counts_of(labels: np.ndarray, num_classes: int) -> list[int]:
 
 
 # DataConfig keys handed to the sources that take them (the folder sources), besides data.source_args
-FOLDER_KEYS = ("train_list", "test_list", "image_size", "resize", "workers")
+FOLDER_KEYS = ("train_list", "test_list", "image_size", "resize", "workers", "cache")
+LOADERS = ("memory", "streaming")  # data.loader
+STATS_IMAGES = 10_000  # streaming: the normalisation comes from up to this many training images, evenly spaced
 
 
-def load_configured_source(cfg) -> ImageDataset:
-    """The dataset of a DataConfig: its source, read from data.root (folder sources) or data.path."""
+def load_configured_source(cfg, lazy: bool = False) -> ImageDataset:
+    """The dataset of a DataConfig: its source, read from data.root (folder sources) or data.path. With lazy=True
+    a folder source's images stay files (ImageFiles) until something reads them."""
     options = dict(cfg.source_args)
     if cfg.source in SOURCES:
         params = inspect.signature(SOURCES[cfg.source]).parameters
         options.update({k: getattr(cfg, k) for k in FOLDER_KEYS if k in params and getattr(cfg, k) is not None})
+        if lazy and "lazy" in params:
+            options["lazy"] = True
     path = cfg.root if cfg.source in ROOT_SOURCES else cfg.path
     return load_source(cfg.source, path, cfg.download, **options)
 
@@ -72,8 +77,11 @@ def training_subset(cfg, ds: ImageDataset) -> np.ndarray:
 
 
 def prepare_data(cfg) -> PreparedData:
-    """Load the source, keep the configured subset per class (seeded), carve a validation split from it."""
-    ds = load_configured_source(cfg)
+    """Load the source, keep the configured subset per class (seeded), carve a validation split from it.
+
+    A folder source decodes only the images kept; with `data.loader: streaming` the training images stay files
+    (the validation and test images are decoded)."""
+    ds = load_configured_source(cfg, lazy=True)
     keep = training_subset(cfg, ds)
     counts = class_counts_of(ds.y_train[keep], ds.num_classes)
     x, y = ds.x_train[keep], ds.y_train[keep]
@@ -85,23 +93,41 @@ def prepare_data(cfg) -> PreparedData:
         val = stratified_indices(y, cfg.val_per_class, cfg.subset_seed + 1)
     train = np.setdiff1d(np.arange(len(y)), val)
     x_train, y_train = x[train], y[train]
-    pixels = x_train.reshape(-1, x_train.shape[-1]).astype(np.float64) / 255.0
-    return PreparedData(x_train, y_train, x[val], y[val], ds.x_test, ds.y_test,
-                        class_counts_of(y_train, ds.num_classes), ds.class_names,
-                        pixels.mean(0).tolist(), pixels.std(0).tolist())
+    if cfg.loader == "memory":
+        x_train = np.asarray(x_train)
+    mean, std = pixel_stats(x_train)
+    return PreparedData(x_train, y_train, np.asarray(x[val]), y[val], np.asarray(ds.x_test), ds.y_test,
+                        class_counts_of(y_train, ds.num_classes), ds.class_names, mean, std)
+
+
+def pixel_stats(x) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of the training pixels in [0, 1]; images that are still files (streaming) give
+    them from up to STATS_IMAGES of them, evenly spaced (all of them when there are no more)."""
+    if not isinstance(x, np.ndarray) and len(x) > STATS_IMAGES:
+        x = x[np.linspace(0, len(x) - 1, STATS_IMAGES).round().astype(np.int64)]
+    x = np.asarray(x)
+    pixels = x.reshape(-1, x.shape[-1]).astype(np.float64) / 255.0
+    return pixels.mean(0).tolist(), pixels.std(0).tolist()
 
 
 def build_train_loader(cfg, data: PreparedData, batch_size: int, device, sampler: str = "random", seed: int = 0,
                        channels_last: bool = False, shard: tuple[int, int] = (0, 1)):
-    """The training batches of a DataConfig: crop (data.crop), flip and augmentation on the device."""
+    """The training batches of a DataConfig: crop (data.crop), flip and augmentation on the device, the images
+    held there (data.loader: memory) or decoded batch by batch by data.workers processes (streaming)."""
+    kwargs = dict(seed=seed, channels_last=channels_last, shard=shard, augment=cfg.augment,
+                  augment_args=cfg.augment_args, crop=cfg.crop, crop_scale=cfg.crop_scale)
+    if cfg.loader == "streaming":
+        from .streaming import StreamingLoader
+
+        return StreamingLoader(data.x_train, data.y_train, batch_size, device, sampler, cfg.crop_padding, cfg.flip,
+                               workers=cfg.workers, **kwargs)
     return DeviceLoader(data.x_train, data.y_train, batch_size, device, sampler, cfg.crop_padding, cfg.flip,
-                        seed=seed, channels_last=channels_last, shard=shard, augment=cfg.augment,
-                        augment_args=cfg.augment_args, crop=cfg.crop, crop_scale=cfg.crop_scale)
+                        **kwargs)
 
 
 def validate_image_keys(d, check_files: bool = True) -> None:
     """Config checks of data.root, data.train_list / data.test_list, data.image_size, data.resize, data.workers,
-    data.crop and data.crop_scale; a ConfigError names the key."""
+    data.loader, data.cache, data.crop and data.crop_scale; a ConfigError names the key."""
     from pathlib import Path
 
     from ..registry import ConfigError
@@ -135,6 +161,9 @@ def validate_image_keys(d, check_files: bool = True) -> None:
         require(d.resize >= d.image_size, "data.resize",
                 f"the shorter side ({d.resize}) must be >= data.image_size ({d.image_size}) to center-crop it")
     require(d.workers >= 0, "data.workers", f"must be >= 0; got {d.workers}")
+    require(d.loader in LOADERS, "data.loader", f"must be one of {', '.join(LOADERS)}; got '{d.loader}'")
+    require(folder_source or d.cache is None, "data.cache",
+            f"only the {readers} sources decode images to cache; source '{d.source}' does not")
     require(d.crop in CROPS, "data.crop", f"must be one of {', '.join(CROPS)}; got '{d.crop}'")
     require(len(d.crop_scale) == 2 and 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1, "data.crop_scale",
             f"must be [min, max] area fractions with 0 < min <= max <= 1; got {d.crop_scale}")

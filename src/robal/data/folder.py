@@ -250,19 +250,20 @@ def _decode_chunk(args) -> np.ndarray:
     return np.stack([decode_image(root / f, decode) for f in files])
 
 
-def decode_files(root: Path, files: list[str], decode: Decode = Decode(), workers: int = 0,
-                 chunk: int = 256) -> np.ndarray:
-    """Decode `files` (relative to root) into one uint8 (N, S, S, 3) array; `workers` > 0 decodes chunks in that
-    many processes. Without data.image_size the images must all have the first one's size."""
+def decode_files(root: Path, files: list[str], decode: Decode = Decode(), workers: int = 0, chunk: int = 256,
+                 out: np.ndarray | None = None) -> np.ndarray:
+    """Decode `files` (relative to root) into one uint8 (N, S, S, 3) array (or into `out`, e.g. a memory-mapped
+    cache file); `workers` > 0 decodes chunks in that many processes. Without data.image_size the images must
+    all have the first one's size."""
     root = Path(root)
     if not files:
         return np.zeros((0, decode.image_size or 1, decode.image_size or 1, 3), dtype=np.uint8)
     jobs = [(root, files[i:i + chunk], decode) for i in range(0, len(files), chunk)]
-    out, at = None, 0
+    at = 0
     pool = ProcessPoolExecutor(workers) if workers > 0 and len(jobs) > 1 else None
     try:
         parts = pool.map(_decode_chunk, jobs) if pool else map(_decode_chunk, jobs)
-        for (_, names, _), part in zip(jobs, parts):
+        for part in parts:
             if out is None:
                 out = np.empty((len(files),) + part.shape[1:], dtype=np.uint8)
             out[at:at + len(part)] = part
@@ -290,10 +291,109 @@ def _size_mismatch(root: Path, files: list[str]) -> str:
     return f"{root}: images of different sizes; set data.image_size"
 
 
-def load_splits(splits: FileSplits, decode: Decode, workers: int = 0) -> ImageDataset:
-    """Decode both splits into an in-memory ImageDataset that remembers its files (for `robal split`)."""
-    x_train = decode_files(splits.root, splits.train_files, decode, workers)
-    x_test = decode_files(splits.root, splits.test_files, decode, workers)
+# ---------------------------------------------------------------- image files as a lazy array, the decoded cache
+
+CACHE_VERSION = 1  # part of every cache key: bump when decoding changes
+
+
+class ImageFiles:
+    """Image files standing in for a uint8 (N, S, S, 3) array, decoded only when needed.
+
+    Indexing with a slice or an index array gives another ImageFiles (nothing decoded), an integer one decoded
+    image, `np.asarray(files)` all of them (with `workers` processes). With `cache` (data.cache, a folder) the
+    decoded array is kept there as an .npy file named after a hash of the root, the file list, each file's size
+    and modification time and the decoding settings: the next run with the same images reads it back instead
+    of decoding (`cached()` gives it memory-mapped).
+    """
+    dtype = np.dtype(np.uint8)
+    ndim = 4
+
+    def __init__(self, root: Path, files: list[str], decode: Decode = Decode(), workers: int = 0,
+                 cache: str | Path | None = None):
+        self.root, self.files, self.decode = Path(root), list(files), decode
+        self.workers, self.cache = workers, cache
+        self._image_shape = None
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        if self._image_shape is None:
+            s = self.decode.image_size
+            if s or not self.files:  # (an empty set has decode_files' shape)
+                self._image_shape = (s or 1, s or 1, 3)
+            else:  # the first file's header: its size, nothing decoded
+                from PIL import Image
+
+                first = self.root / self.files[0]
+                try:
+                    with Image.open(first) as img:
+                        self._image_shape = (img.size[1], img.size[0], 3)
+                except (OSError, SyntaxError, ValueError) as e:
+                    raise DataError(f"{first}: cannot decode as an image ({type(e).__name__}: {e})") from None
+        return (len(self.files),) + tuple(self._image_shape)
+
+    def __getitem__(self, index):
+        if isinstance(index, (int, np.integer)):
+            return decode_image(self.root / self.files[index], self.decode)
+        picked = np.arange(len(self.files))[index]
+        return ImageFiles(self.root, [self.files[i] for i in picked], self.decode, self.workers, self.cache)
+
+    def rows(self, indices) -> np.ndarray:
+        """The images at `indices`, decoded in this process (the streaming loader's workers call this)."""
+        return np.stack([decode_image(self.root / self.files[i], self.decode) for i in indices])
+
+    def __array__(self, dtype=None, copy=None):
+        array = np.array(self.cached()) if self.cache is not None and self.files else decode_files(
+            self.root, self.files, self.decode, self.workers)
+        return array if dtype is None else array.astype(dtype)
+
+    def cache_path(self) -> Path:
+        import hashlib
+        import json
+
+        stats = []
+        for f in self.files:
+            st = (self.root / f).stat()
+            stats.append((st.st_size, st.st_mtime_ns))
+        key = json.dumps({"version": CACHE_VERSION, "root": str(self.root.resolve()), "files": self.files,
+                          "stats": stats, "image_size": self.decode.image_size, "resize": self.decode.resize})
+        digest = hashlib.sha256(key.encode()).hexdigest()[:20]
+        return Path(self.cache) / f"{self.root.name}-{len(self.files)}-{digest}.npy"
+
+    def cached(self) -> np.ndarray:
+        """The decoded images, memory-mapped from the cache file (decoded and written there first if missing)."""
+        path = self.cache_path()
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            try:
+                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=self.shape)
+                decode_files(self.root, self.files, self.decode, self.workers, out=out)
+                out.flush()
+                del out
+                os.replace(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)
+        try:
+            array = np.load(path, mmap_mode="r")
+        except (OSError, ValueError) as e:
+            raise DataError(f"{path}: cannot read the decoded-image cache ({e}); delete the file to rebuild it") from None
+        if array.shape != self.shape or array.dtype != np.uint8:
+            raise DataError(f"{path}: the cache holds {array.dtype} {array.shape}, expected uint8 {self.shape}; "
+                            f"delete the file to rebuild it")
+        return array
+
+
+def load_splits(splits: FileSplits, decode: Decode, workers: int = 0, lazy: bool = False,
+                cache: str | None = None) -> ImageDataset:
+    """Both splits as an ImageDataset that remembers its files (for `robal split`): decoded arrays, or with
+    lazy=True ImageFiles that decode when asked to (prepare_data decodes only the images it keeps)."""
+    x_train = ImageFiles(splits.root, splits.train_files, decode, workers, cache)
+    x_test = ImageFiles(splits.root, splits.test_files, decode, workers, cache)
+    if not lazy:
+        x_train, x_test = np.asarray(x_train), np.asarray(x_test)
     if x_train.shape[1:] != x_test.shape[1:]:
         raise DataError(f"{splits.root}: training images are {x_train.shape[2]}x{x_train.shape[1]} but test images "
                         f"are {x_test.shape[2]}x{x_test.shape[1]}; set data.image_size to bring both to one size")
@@ -304,10 +404,10 @@ def load_splits(splits: FileSplits, decode: Decode, workers: int = 0) -> ImageDa
 @register_source("folder", reads_root=True)
 def load_folder(path: str | None = None, download: bool = False, train_list: str | None = None,
                 test_list: str | None = None, image_size: int | None = None, resize: int | None = None,
-                workers: int = 0) -> ImageDataset:
+                workers: int = 0, lazy: bool = False, cache: str | None = None) -> ImageDataset:
     """An image folder dataset (see the module docstring); `path` is data.root, `download` is ignored."""
     if path is None:
         raise DataError("data.root: the folder source needs the dataset's folder (holding train/CLASS/... and "
                         "test/CLASS/... or val/, or the images named by data.train_list / data.test_list)")
     splits = scan_splits(Path(path), train_list, test_list)
-    return load_splits(splits, Decode(image_size, resize), workers)
+    return load_splits(splits, Decode(image_size, resize), workers, lazy, cache)

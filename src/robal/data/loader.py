@@ -110,7 +110,7 @@ class DeviceLoader:
                  sampler: str = "random", crop_padding: int = 0, flip: bool = False, seed: int = 0,
                  channels_last: bool = False, shard: tuple[int, int] = (0, 1), augment: str = "crop_flip",
                  augment_args: dict | None = None, crop: str = "pad", crop_scale: tuple[float, float] = (0.08, 1.0)):
-        self.x = torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).contiguous().to(device)
+        self.x = self.hold(x, device)
         self.y = torch.as_tensor(y, dtype=torch.long).to(device)
         self.labels_cpu = torch.as_tensor(y, dtype=torch.long)
         self.batch_size = batch_size
@@ -124,6 +124,11 @@ class DeviceLoader:
         self.global_batch = 0  # size of the last global batch yielded (this rank's slice may be smaller)
         self.generator = torch.Generator().manual_seed(seed)
         self.augment = build_augment(augment, augment_args)  # data.augment: None for crop_flip (no extra draws)
+
+    @staticmethod
+    def hold(x, device):
+        """The images as one uint8 NCHW tensor on the device (`self.x`, indexed by every batch)."""
+        return torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).contiguous().to(device)
 
     def __len__(self) -> int:
         return -(-len(self.y) // self.batch_size)
@@ -142,15 +147,19 @@ class DeviceLoader:
         order = self.epoch_order()
         for start in range(0, len(order), self.batch_size):
             idx = order[start:start + self.batch_size]
-            # each rank takes its slice of the global batch; augmentation draws stay global and identical
-            x = to_float(self.x[idx.to(self.x.device)])
-            if self.augment is not None:  # strong augmentation first, then crop and flip (AT-BSL's order)
-                x = self.augment(x, self.generator)
-            x = self.crop_and_flip(x)
-            y = self.y[idx.to(self.y.device)]
-            self.global_batch = len(idx)
-            if self.world > 1:
-                x, y = x[self.rank::self.world], y[self.rank::self.world]
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            yield x, y
+            yield self.finish_batch(self.x[idx.to(self.x.device)], idx)
+
+    def finish_batch(self, x_uint8: torch.Tensor, idx: torch.Tensor):
+        """(images, labels) of the global batch `idx` from its uint8 NCHW images on the device: augmentation, crop
+        and flip drawn from the generator, then this rank's slice (the draws stay global and identical)."""
+        x = to_float(x_uint8)
+        if self.augment is not None:  # strong augmentation first, then crop and flip (AT-BSL's order)
+            x = self.augment(x, self.generator)
+        x = self.crop_and_flip(x)
+        y = self.y[idx.to(self.y.device)]
+        self.global_batch = len(idx)
+        if self.world > 1:
+            x, y = x[self.rank::self.world], y[self.rank::self.world]
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, y

@@ -19,7 +19,7 @@ from .sources import DataError
 
 def write_training_split(cfg, out: str | Path, config_name: str = "") -> tuple[Path, list[int]]:
     """Write the training split of DataConfig `cfg` to `out`; returns the path and the images per class."""
-    ds = load_configured_source(cfg)
+    ds = load_configured_source(cfg, lazy=True)  # only the file names and labels are needed
     if ds.train_files is None:
         raise DataError(f"data.source: '{cfg.source}' holds arrays, not image files; a split file lists the images "
                         f"of a folder dataset (data.source: folder or tiny_imagenet)")

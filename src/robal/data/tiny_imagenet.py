@@ -154,9 +154,10 @@ def scan_tiny_imagenet(folder: Path, train_list: str | None = None, test_list: s
 @register_source("tiny_imagenet", reads_root=True)
 def load_tiny_imagenet(path: str | None = None, download: bool = False, train_list: str | None = None,
                        test_list: str | None = None, image_size: int | None = None, resize: int | None = None,
-                       workers: int = 0) -> ImageDataset:
+                       workers: int = 0, lazy: bool = False, cache: str | None = None) -> ImageDataset:
     """Tiny-ImageNet's training images and its labelled val images as the test set (module docstring)."""
     if path is None:
         raise DataError(f"data.root: the tiny_imagenet source needs a folder: {EXPECTED}")
     folder = find_folder(Path(path), download)
-    return load_splits(scan_tiny_imagenet(folder, train_list, test_list), Decode(image_size, resize), workers)
+    return load_splits(scan_tiny_imagenet(folder, train_list, test_list), Decode(image_size, resize), workers, lazy,
+                       cache)

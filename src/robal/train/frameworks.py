@@ -144,6 +144,39 @@ class PGDAT(Framework):
         return self.loss(z_adv, y, class_weight), None, z_adv
 
 
+@FRAMEWORKS.register("fgsm_at")
+class FGSMAT(Framework):
+    """Fast adversarial training (Wong, Rice, Kolter 2020, "Fast is better than free"): one FGSM step of
+    `step` x eps (1.25) on the inner loss from a uniform random start in the eps-ball, then the loss on it.
+
+    About a third of PGD-5 AT's cost. With `beta` > 0 it adds beta * KL(softmax(z_nat) || softmax(z_adv)) (the
+    TRADES term RoBal trains with; the outer loss stays on the adversarial logits). Its known failure is
+    catastrophic overfitting (robust accuracy collapsing within an epoch): watch it with train.overfit_guard.
+    train.attack.steps and step_size are not used; eps (and a class-wise budget) are.
+    """
+
+    def __init__(self, loss, attack, step: float = 1.25, beta: float = 0.0, class_counts=None):
+        super().__init__(loss, attack, class_counts)
+        if not step > 0:
+            raise ValueError(f"train.framework_args.step must be > 0 (a multiple of eps, 1.25 in Wong et al.); "
+                             f"got {step}")
+        if beta < 0:
+            raise ValueError(f"train.framework_args.beta must be >= 0; got {beta}")
+        self.step, self.beta = step, beta
+
+    def __call__(self, model, x, y, class_weight=None):
+        eps, _ = self.attack.radius(x, y)
+        with eval_mode(model), frozen_parameters(model):
+            x_adv = pgd(model.training_logits, x, y, eps, self.step * eps, 1, self.attack.inner_loss(),
+                        random_start=True)
+        z_adv = model.training_logits(x_adv)
+        loss = self.loss(z_adv, y, class_weight)
+        if self.beta == 0:
+            return loss, None, z_adv
+        z_nat = model.training_logits(x)
+        return loss + self.beta * batch_kl(z_adv, z_nat).mean(), z_nat, z_adv
+
+
 @FRAMEWORKS.register("trades")
 class TRADES(Framework):
     """Zhang et al.: loss(z_on) + beta * KL(softmax(z_nat) || softmax(z_adv)).

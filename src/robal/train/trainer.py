@@ -24,6 +24,7 @@ from ..rundir import RunDirError, RunLock, check_replaceable, contents, discard_
 from .checkpoint import (CheckpointError, atomic_save, checkpoint_paths, latest_good_checkpoint, model_checkpoint,
                          prune, read_checkpoint, rng_state, set_rng_state)
 from .frameworks import FRAMEWORKS, TrainingAttack, eval_mode  # noqa: F401 (re-exported)
+from .guard import OverfitGuard
 from .preflight import try_one_batch
 from .stages import build_framework
 from .weighting import WEIGHTINGS
@@ -199,6 +200,7 @@ class Trainer:
         self.loader = build_train_loader(cfg.data, self.data, t.batch_size, self.device, t.sampler, seed=cfg.seed,
                                          channels_last=t.channels_last,
                                          shard=self.ctx.shard)  # each rank: its slice of every global batch
+        self.guard = OverfitGuard.build(cfg, self.data, self.device, self.out, self.ctx.main)  # None unless set
         self.sync = distributed.GradientSync(self.model, params, self.ctx.world) if self.ctx.distributed else None
         self.start_epoch = 0
         self.skipped = 0  # non-finite batches skipped so far in this run (train.skip_nonfinite)
@@ -399,6 +401,8 @@ class Trainer:
         t = self.cfg.train
         for epoch in range(self.start_epoch, t.epochs):
             record = self.train_epoch(epoch)
+            if self.guard is not None and self.guard.after_epoch(self.model, epoch, record):
+                break  # catastrophic overfitting: the last good checkpoint's weights restored (train/guard.py)
             if not self.ctx.main:  # only rank 0 writes logs and checkpoints
                 continue
             self.log(record)
