@@ -120,6 +120,7 @@ def test_wheel_works_outside_the_repository(tmp_path):
         metadata = whl.read(f"robal-{__version__}.dist-info/METADATA").decode()
     assert sum(re.fullmatch(r"robal/configs/.+\.yaml", n) is not None for n in names) == n_configs
     assert f"robal-{__version__}.dist-info/licenses/LICENSE" in names
+    assert "robal/zoo_index.json" in names  # the model zoo's index (robal/zoo.py)
     assert "License-Expression: Apache-2.0" in metadata and "Description-Content-Type: text/markdown" in metadata
     with tarfile.open(sdist) as tar:
         members = tar.getnames()
@@ -136,6 +137,7 @@ def test_wheel_works_outside_the_repository(tmp_path):
     assert Path(where).is_relative_to(venv), f"robal imported from {where}, not from the installed wheel"
 
     assert _run([robal, "--version"], work, env).strip() == f"robal {__version__}"
+    assert "cifar10_lt/robal_n" in _run([robal, "zoo"], work, env)  # the packaged index, no repository needed
     out = _run([robal, "train", "digits_lt/pgd_at", "--dry-run"], work, env)
     assert "class counts (486 images): [120, 92, 71, 55, 43, 33, 25, 20, 15, 12]" in out
     # a CIFAR config by name: its base chain comes from the package, the data from --set data.path

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import yaml
 
-# every name robal writes in a run directory (train, eval, tune-tau, the lock, atomic-write temporaries)
+# every name robal writes in a run directory (train, eval, tune-tau, the lock, atomic-write temporaries,
+# train.tensorboard's event folder)
 RUN_FILES = ("config.yaml", "log.jsonl", "model.pt", "epoch_*.pt", "eval*.json", "eval*.md", "eval*.png",
-             "eval*.partial", ".eval*", "tune_tau.json", ".lock", ".*.tmp*")
+             "eval*.partial", ".eval*", "tune_tau.json", ".lock", ".*.tmp*", "tensorboard")
 REPLACED = ".robal-replaced"
 LOCK = ".lock"
 

@@ -67,7 +67,11 @@ def check_output_file(path: str | Path, what: str) -> Path:
 
 def default_eval_json(target: str | Path, checkpoint: Path) -> Path:
     """Where `robal eval TARGET` writes: RUN/eval.json for a run or its final model.pt; any other checkpoint gets
-    its own name (RUN/eval_epoch_050.json), so it never replaces the run's evaluation."""
+    its own name (RUN/eval_epoch_050.json), so it never replaces the run's evaluation. A zoo model has no run
+    directory: it needs --json."""
+    if str(target).startswith("zoo:"):
+        raise ConfigError(f"robal eval {target}: give --json OUT.json (a zoo model has no run directory to write "
+                          f"its evaluation into)")
     if Path(target).is_dir():
         return Path(target) / "eval.json"
     if checkpoint.name == "model.pt":
