@@ -13,7 +13,9 @@ Images are decoded with Pillow and converted to RGB (grayscale repeated, alpha d
 S each is resized so that its shorter side is `data.resize` (default S; Pillow's bilinear filter, which
 antialiases when it shrinks) and center-cropped to S x S: the usual test transform. Without it every image must
 already have the same size. The training transforms (pad-crop or random-resized crop, flip) run later on the
-batches (loader.py), as for every source. Decoded images are uint8 (N, S, S, 3) arrays, like every source's.
+batches (loader.py), as for every source. Decoded images are uint8 (N, S, S, 3) arrays, like every source's;
+until then a split is an `ImageFiles` (a lazy stand-in for that array: prepare_data decodes only the images its
+subset keeps, the streaming loader decodes batch by batch), optionally backed by a decoded cache (data.cache).
 """
 from __future__ import annotations
 

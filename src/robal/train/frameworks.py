@@ -152,7 +152,8 @@ class FGSMAT(Framework):
     About a third of PGD-5 AT's cost. With `beta` > 0 it adds beta * KL(softmax(z_nat) || softmax(z_adv)) (the
     TRADES term RoBal trains with; the outer loss stays on the adversarial logits). Its known failure is
     catastrophic overfitting (robust accuracy collapsing within an epoch): watch it with train.overfit_guard.
-    train.attack.steps and step_size are not used; eps (and a class-wise budget) are.
+    train.attack.steps and step_size are not used; eps (and a class-wise budget) are. As in every robal framework
+    the attack sees BatchNorm in eval mode (Wong et al.'s code attacks in train mode).
     """
 
     def __init__(self, loss, attack, step: float = 1.25, beta: float = 0.0, class_counts=None):
