@@ -9,13 +9,15 @@
 #         eval_aa:   AutoAttack (aa-paper, aa) on the fixed stratified 1,000-image subset
 #       --subset-1000, the full protocol's AA-paper without standard AA (about 8 minutes per row at one thread):
 #         eval_1000: clean, PGD-20 and AA-paper on the stratified 1,000-image subset, no reliability checks
+#       --aa-10step, the 10-step AutoAttack of later papers beside the official AA (issue 28):
+#         eval_aa10step: aa-10step on the fixed stratified 1,000-image subset, no reliability checks
 #       --cpu-protocol, what a 2-core session affords (about 5 minutes per row at one thread):
 #         eval_clean_10k: clean on all 10,000 test images
 #         eval_300:       clean, PGD-20, AA-paper and the reliability checks on the stratified 300-image subset
 #   - one `robal report` table per evaluation kind: docs/results/study_KIND.md.
 # Results that exist are skipped, so the script can be stopped and started again.
 #
-#   scripts/study.sh [--dry-run] [--cpu-protocol | --subset-1000] [--configs DIR] [NAME ...]
+#   scripts/study.sh [--dry-run] [--cpu-protocol | --subset-1000 | --aa-10step] [--configs DIR] [NAME ...]
 #   (default: every row, full protocol; --dry-run: print the commands only)
 #   --configs DIR: the rows of another config folder under configs/cifar10_lt, e.g. the full-scale GPU rows
 #   configs/cifar10_lt/full (WRN-34-10) or configs/cifar10_lt/full/resnet18; runs go to runs/cifar10_lt/REST and
@@ -37,8 +39,9 @@ while [ $# -gt 0 ]; do
     --dry-run) DRY=1 ;;
     --cpu-protocol) PROTOCOL=cpu ;;
     --subset-1000) PROTOCOL=subset ;;
+    --aa-10step) PROTOCOL=aa10step ;;
     --configs) CONFIGS=${2:?study.sh: --configs needs a folder}; CONFIGS=${CONFIGS%/}; shift ;;
-    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
     *) ROWS+=("$1") ;;
   esac
   shift
@@ -98,6 +101,7 @@ case "$PROTOCOL" in
   full) KINDS=(eval_full eval_aa) ;;
   subset) KINDS=(eval_1000) ;;
   cpu) KINDS=(eval_clean_10k eval_300) ;;
+  aa10step) KINDS=(eval_aa10step) ;;
 esac
 
 eval_args() {  # the `robal eval` arguments of evaluation kind $1
@@ -106,6 +110,7 @@ eval_args() {  # the `robal eval` arguments of evaluation kind $1
     eval_aa) echo "--attacks aa-paper,aa --n-test 1000" ;;
     eval_1000) echo "--attacks clean,pgd20,aa-paper --n-test 1000 --checks none" ;;
     eval_clean_10k) echo "--attacks clean --checks none" ;;
+    eval_aa10step) echo "--attacks aa-10step --n-test 1000 --checks none" ;;
     eval_300) echo "--attacks clean,pgd20,aa-paper --n-test 300" ;;
   esac
 }

@@ -346,7 +346,7 @@ DIGITS = [
     "train.attack.steps=1", "train.attack.eps=0.1", "train.attack.step_size=0.1", "train.checkpoint_every=2",
 ]
 EXTRA = {"taet": ["train.stages=[{until_epoch: 1, framework: plain, loss: ce}]"],
-         "classwise_eps": ["train.attack.budget_args={tau: 0.3, max_scale: 2.0, warmup_epochs: 2}"]}
+         "classwise_eps": ["train.attack.budget_args={alpha: 0.3, warmup_epochs: 1}"]}
 
 
 @pytest.mark.parametrize("stem", NEW)

@@ -349,7 +349,7 @@ BAD_CONFIGS = [
     (["train.amp=fp16"], "train.amp: must be auto, off or bf16"),
     (["eval.attacks=[clean, pgd30]"], "eval.attacks[1]: unknown attack 'pgd30'"),
     (["inference=[{tau: 1.0}]"], "inference[0]: expected a mapping with a 'name'"),
-    (["seed=-1"], "seed: must be >= 0"),
+    (["seed=-1"], "seed: must be in [0, 2**32)"),
     (["device=gpu"], "device: must be auto, cpu, cuda, cuda:N or mps; got 'gpu'"),
     (["train.epochs.max=3"], "--set train.epochs.max: 'epochs' is not a mapping"),
     (["train.epochs"], "--set 'train.epochs': expected key=value"),

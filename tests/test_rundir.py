@@ -154,3 +154,43 @@ def test_a_lock_left_by_a_killed_process_does_not_block_a_resume(one_run, tmp_pa
     assert robal_train(run, "--resume", "--overwrite",
                        overrides=ONE_EPOCH[:1] + ["train.epochs=2", "train.lr_milestones=[]"]) == 0
     assert read_checkpoint(run / "model.pt")["meta"]["epoch"] == 2
+
+
+def test_a_full_disk_names_the_file_and_keeps_the_last_checkpoint(one_run, tmp_path, monkeypatch, capsys):
+    import errno
+
+    import torch as torch_module
+
+    run = copy_run(one_run, tmp_path)
+    real_save = torch_module.save
+    saved = []
+
+    def save(obj, f, *args, **kwargs):
+        if saved:  # the second checkpoint write finds the disk full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        saved.append(f)
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch_module, "save", save)
+    two = ONE_EPOCH[:1] + ["train.epochs=2", "train.lr_milestones=[]", "train.checkpoint_every=1"]
+    assert robal_train(run, "--overwrite", overrides=two) == 2
+    err = capsys.readouterr().err
+    assert "epoch_002.pt failed" in err and "No space left" in err and "epoch_001.pt, is kept" in err
+    assert not list(run.glob(".*tmp*"))
+    assert read_checkpoint(run / "epoch_001.pt")["meta"]["epoch"] == 1
+
+
+def test_evaluating_another_checkpoint_does_not_replace_the_runs_evaluation(one_run, tmp_path, capsys):
+    run = copy_run(one_run, tmp_path)
+    shutil.copy(run / "model.pt", run / "epoch_050.pt")
+    assert main(["eval", str(run), "--attacks", "clean", "--checks", "none"]) == 0
+    before = (run / "eval.json").read_bytes()
+    assert main(["eval", str(run / "epoch_050.pt"), "--attacks", "clean", "--checks", "none"]) == 0
+    assert (run / "eval.json").read_bytes() == before
+    assert (run / "eval_epoch_050.json").is_file() and (run / "eval_epoch_050.md").is_file()
+
+
+def test_suspicious_values_warn(tmp_path, capsys):
+    assert robal_train(tmp_path / "run", "--dry-run", overrides=ONE_EPOCH + ["train.attack.eps=8"]) == 0
+    assert "train.attack.eps 8 is above 32/255" in capsys.readouterr().err
+

@@ -87,7 +87,7 @@ class TrainConfig:
     trainable: str = "all"               # all | head | class_scale
     checkpoint_every: int = 5
     keep_last: int = 2
-    amp: str = "auto"                    # auto (bf16 on CUDA, fp32 on CPU) | off | bf16
+    amp: str = "off"                     # off (fp32, every device) | bf16 (opt-in) | auto (= off; older configs)
     channels_last: bool = True
     compile: bool = False                # torch.compile the backbone (opt-in; docs/performance.md)
     stats_every: int = 10                # clean batch accuracy measured every N batches (costs a forward)
@@ -95,6 +95,11 @@ class TrainConfig:
     sync_bn: bool = False                # several ranks (torchrun): BatchNorm on the global batch's statistics
     stages: list[dict] = field(default_factory=list)  # [{until_epoch, framework, loss, ...}] before the main one
     overfit_guard: dict = field(default_factory=dict)  # {action: off|log|stop|restore, ...} (train/guard.py)
+    tensorboard: bool = False            # RUN/tensorboard/ event files (robal[tensorboard]; train/tensorboard_log.py)
+
+    def __post_init__(self):
+        if self.amp == "auto":  # the old default (bf16 on CUDA) now means fp32, so a run started with it resumes
+            self.amp = "off"
 
 
 @dataclass
@@ -205,7 +210,11 @@ def set_override(data: dict, assignment: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"--set {path}: '{part}' is not a mapping")
-    node[parts[-1]] = yaml.safe_load(raw)
+    try:
+        node[parts[-1]] = yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {path}: {raw!r} is not a YAML value ({str(err).splitlines()[0]}); e.g. "
+                          f"--set {path}=[1, 2] or --set {path}=0.1") from None
 
 
 def deep_merge(base: dict, update: dict) -> dict:
@@ -224,9 +233,12 @@ def read_yaml(path: Path, seen: tuple = ()) -> dict:
     if path.resolve() in seen:
         raise ConfigError(f"config file {path}: 'base' chain loops back to itself")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {path} is not UTF-8 text ({err.reason} at byte {err.start}); save it as "
+                          f"UTF-8") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: expected a mapping at the top level")
     base = data.pop("base", None)
@@ -377,6 +389,10 @@ def validate(cfg: Config, check_files: bool = True) -> None:
     _require(t.amp in ("auto", "off", "bf16"), "train.amp", f"must be auto, off or bf16; got '{t.amp}'")
     _require(t.stats_every >= 1, "train.stats_every", f"must be >= 1; got {t.stats_every}")
     _require(t.skip_nonfinite >= 0, "train.skip_nonfinite", f"must be >= 0; got {t.skip_nonfinite}")
+    if t.tensorboard:
+        from .train.tensorboard_log import require_tensorboard
+
+        require_tensorboard()  # the package is there before anything runs
 
     build_adjustments(cfg.inference, [1] * 2)
     _require(e.eps >= 0, "eval.eps", f"must be >= 0; got {e.eps}")
@@ -385,7 +401,7 @@ def validate(cfg: Config, check_files: bool = True) -> None:
     _require(e.n_test is None or e.n_test >= 1, "eval.n_test", f"must be >= 1; got {e.n_test}")
     for i, name in enumerate(e.attacks):
         _require(is_known_attack(name), f"eval.attacks[{i}]", f"unknown attack '{name}'")
-    _require(cfg.seed >= 0, "seed", f"must be >= 0; got {cfg.seed}")
+    _require(0 <= cfg.seed < 2**32, "seed", f"must be in [0, 2**32) (numpy's seed range); got {cfg.seed}")
 
 
 def _validate_beyond(cfg: Config) -> None:
@@ -410,3 +426,15 @@ def _validate_beyond(cfg: Config) -> None:
         raise ConfigError(f"train.attack.budget_args: {err}") from None
     validate_stages(t)
     guard_settings(t.overfit_guard)
+
+
+def config_warnings(cfg: Config) -> list[str]:
+    """Values that are valid but almost surely a mistake."""
+    from .evaluate.settings import LARGE_EPS
+
+    out = []
+    for key, eps in (("train.attack.eps", cfg.train.attack.eps), ("eval.eps", cfg.eval.eps)):
+        if eps > LARGE_EPS:
+            out.append(f"{key} {eps:g} is above 32/255 = {LARGE_EPS:.4f} on [0, 1] pixels: an attack that large "
+                       f"changes what the image shows (did you mean {eps:g}/255?)")
+    return out

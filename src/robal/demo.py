@@ -20,6 +20,8 @@ def builtin_config(name: str) -> Path:
 
 def check_demo_dirs(root: Path, overwrite: bool) -> None:
     """Before any training: the demo's run directories under `root` are free, or robal runs to replace."""
+    if root.exists() and not root.is_dir():
+        raise RunDirError(f"--out {root} is a file, not a directory")
     for name in DEMO_CONFIGS.values():
         run = root / Path(name).stem
         if run.exists() and (not run.is_dir() or contents(run)):

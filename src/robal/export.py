@@ -80,7 +80,9 @@ def export_model(target, out_dir, fmt: str = "safetensors", overwrite: bool = Fa
     load_model(path)  # the checkpoint builds its model (else CheckpointError naming it): nothing unloadable goes out
     # own storage per tensor (safetensors refuses shared or strided tensors)
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in ckpt["state_dict"].items()}
-    blob = st.save(tensors, metadata={"format": "pt", "robal": FORMAT})
+    # one metadata key: safetensors writes a metadata mapping in no fixed order, and an export of the same
+    # weights should be the same bytes (robal's own format tag is in model.json)
+    blob = st.save(tensors, metadata={"format": "pt"})
     try:
         meta = json.loads(json.dumps(ckpt["meta"], default=_jsonable))
     except (TypeError, ValueError) as err:

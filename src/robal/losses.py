@@ -155,3 +155,9 @@ class EqualisationLoss(nn.Module):
 @LOSSES.register("harl")
 def harl(class_counts, alpha: float = 0.1, beta: float = 0.1, gamma: float = 0.1, s: float = 1.0):
     return EqualisationLoss(alpha, beta, gamma, s)
+
+
+def build(name: str, class_counts, **args):
+    """A registered training loss by name for your own loop: `loss = build("robal", counts, m0=0.1, tau_b=1.2)`,
+    then `loss(logits, y)` (or `loss(logits, y, class_weight)`). Names: LOSSES.names()."""
+    return LOSSES.build(name, args, f"loss '{name}'", class_counts=class_counts)

@@ -70,10 +70,23 @@ def load_configured_source(cfg, lazy: bool = False) -> ImageDataset:
 def training_subset(cfg, ds: ImageDataset) -> np.ndarray:
     """Indices of the training images the configured subset keeps (data.subset, seeded), grouped by class."""
     available = class_counts_of(ds.y_train, ds.num_classes)
+    _every_class_has_images(available, ds, "the source's training split", cfg.path or cfg.source)
     counts = SUBSETS[cfg.subset](cfg, available)
+    _every_class_has_images(counts, ds, f"data.subset '{cfg.subset}' with data.imbalance_ratio "
+                                        f"{cfg.imbalance_ratio:g} and data.n_max {cfg.n_max}", None)
     if any(c > a for c, a in zip(counts, available)):
         raise DataError(f"data.n_max: the subset needs {counts} images per class but {ds.name} has {available}")
     return subsample_indices(ds.y_train, counts, cfg.subset_seed)
+
+
+def _every_class_has_images(counts: list[int], ds, what: str, where) -> None:
+    """A class with no training image cannot be learned, and its prior log(0) breaks every balanced loss."""
+    empty = [c for c, n in enumerate(counts) if n == 0]
+    if empty:
+        named = ", ".join(f"class {c} ('{ds.class_names[c]}')" for c in empty[:5])
+        source = f" ({where})" if where else ""
+        raise DataError(f"{what}{source} leaves {named}{' and more' if len(empty) > 5 else ''} with no training "
+                        f"image; every class needs at least one (lower data.imbalance_ratio, or fix the labels)")
 
 
 def prepare_data(cfg) -> PreparedData:

@@ -160,9 +160,24 @@ def _load_cifar(spec: CifarSpec, path, download: bool) -> ImageDataset:
     return _cifar_dataset(spec, _read_archive(archive, spec.folder, wanted))
 
 
+class _CifarUnpickler(pickle.Unpickler):
+    """Admits only what the official CIFAR pickles hold (dicts, lists, bytes, numbers and numpy arrays): a crafted
+    file cannot make unpickling call anything else."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it refers to {module}.{name}, which a CIFAR file never holds; refused "
+                                         f"(a crafted pickle can run code)")
+        return super().find_class(module, name)
+
+
 def _unpickle(f, where: str):
     try:
-        return pickle.load(f, encoding="bytes")
+        return _CifarUnpickler(f, encoding="bytes").load()
     except Exception as e:  # truncated or corrupt pickles fail in many ways (EOFError, UnpicklingError, ...)
         raise DataError(f"{where}: cannot unpickle ({type(e).__name__}: {e}); the file is corrupt or "
                         f"truncated, expected an official CIFAR python pickle") from None
@@ -327,6 +342,8 @@ def _npz_array(npz, key: str, path: Path) -> np.ndarray:
         return npz[key]
     except ValueError as e:  # object arrays need pickle
         raise DataError(f"{path}: key {key} cannot be read without pickle ({e}); expected {NPZ_EXPECTED}") from None
+    except (zipfile.BadZipFile, OSError, EOFError) as e:  # a CRC error, a truncated member
+        raise DataError(f"{path}: key {key} is corrupt ({e}); the file is damaged, copy or download it again") from None
 
 
 def _npz_images(x: np.ndarray, path: Path, key: str) -> np.ndarray:

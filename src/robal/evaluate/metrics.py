@@ -41,12 +41,23 @@ def standard_error(accuracy_pct: float, n: int) -> float:
     return float(100 * math.sqrt(max(p * (1 - p), 0) / n)) if n else float("nan")
 
 
+NO_COUNTS = "no training class counts given: groups left out"
+
+
+def head_to_tail(class_counts: list[int] | None, num_classes: int) -> list[int]:
+    """Classes from most to fewest training images (index order when the counts are not known)."""
+    if class_counts is None:
+        return list(range(num_classes))
+    return [int(c) for c in np.argsort(class_counts, kind="stable")[::-1]]
+
+
 def attack_metrics(correct: np.ndarray, clean_correct: np.ndarray, labels: np.ndarray,
-                   class_counts: list[int]) -> dict:
-    """Everything reported for one attack; accuracies in percent."""
-    c = len(class_counts)
+                   class_counts: list[int] | None, num_classes: int | None = None) -> dict:
+    """Everything reported for one attack; accuracies in percent. Without class_counts (a model robal did not
+    train) the many/medium/few groups are None and `num_classes` gives the class count."""
+    c = len(class_counts) if class_counts is not None else num_classes
     per_class = per_class_accuracy(correct, labels, c)
-    groups, _ = class_groups(class_counts)
+    groups = class_groups(class_counts)[0] if class_counts is not None else None
     boundary = clean_correct & ~correct  # right on the clean image, wrong under attack
     worst = int(np.nanargmin(per_class))
     accuracy = float(100 * correct.mean())
@@ -54,7 +65,8 @@ def attack_metrics(correct: np.ndarray, clean_correct: np.ndarray, labels: np.nd
         "accuracy": accuracy,
         "std_error": standard_error(accuracy, len(labels)),
         "per_class": per_class,
-        "groups": {g: float(np.mean([per_class[k] for k in ks])) for g, ks in groups.items()},
+        "groups": None if groups is None else {g: float(np.mean([per_class[k] for k in ks])) for g, ks in
+                                                groups.items()},
         "worst_class": {"class": worst, "accuracy": per_class[worst]},
         "natural_error": float(100 * (~clean_correct).mean()),
         "boundary_error": float(100 * boundary.mean()),

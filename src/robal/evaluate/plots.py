@@ -12,7 +12,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from .attacks import is_autoattack
-from .metrics import GRADIENT_ATTACKS, strongest
+from .metrics import GRADIENT_ATTACKS, head_to_tail, strongest
 
 
 def new_figure(width: float, height: float, ncols: int = 1):
@@ -22,8 +22,14 @@ def new_figure(width: float, height: float, ncols: int = 1):
 
 
 def class_labels(result: dict) -> list[str]:
-    names = result.get("class_names") or [str(c) for c in range(len(result["class_counts"]))]
-    return [f"{name[:10]}\nn={n}" for name, n in zip(names, result["class_counts"])]
+    c = num_classes(result)
+    names = result.get("class_names") or [str(k) for k in range(c)]
+    counts = result["class_counts"] or ["?"] * c
+    return [f"{name[:10]}\nn={n}" for name, n in zip(names, counts)]
+
+
+def num_classes(result: dict) -> int:
+    return len(next(iter(result["attacks"].values()))["per_class"])
 
 
 def headline_attacks(result: dict) -> list[str]:
@@ -36,7 +42,7 @@ def headline_attacks(result: dict) -> list[str]:
 
 def per_class_plot(result: dict, path: Path) -> Path:
     """Accuracy per class under clean / PGD / AA, classes ordered by training images (head to tail)."""
-    order = np.argsort(result["class_counts"], kind="stable")[::-1]
+    order = np.asarray(head_to_tail(result["class_counts"], num_classes(result)))
     names = headline_attacks(result)
     labels = class_labels(result)
     fig, ax = new_figure(max(6.0, 0.5 * len(order) * len(names) ** 0.5), 4.0)
@@ -94,8 +100,8 @@ def confusion_plot(result: dict, path: Path) -> Path:
     """Where each true class goes under the strongest attack that ran; classes ordered head to tail."""
     attacks = result["attacks"]
     name = strongest(attacks, [a for a in attacks if a != "clean"]) or "clean"
-    c = len(result["class_counts"])
-    order = np.argsort(result["class_counts"], kind="stable")[::-1]
+    c = num_classes(result)
+    order = np.asarray(head_to_tail(result["class_counts"], c))
     m = confusion_matrix(np.asarray(result["labels"]), np.asarray(attacks[name]["predictions"]), c)[order][:, order]
     fig, ax = new_figure(max(5.0, 0.45 * c), max(4.2, 0.4 * c))
     image = ax.imshow(m, cmap="Blues", vmin=0, vmax=100)

@@ -11,12 +11,13 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from .attacks import is_autoattack
+from .attacks import AA_VERSIONS, is_autoattack
 from .checks import FAKE_GAIN, grade, paired_noise, pct
-from .metrics import strongest
+from .metrics import head_to_tail, strongest
 from .plots import report_plot, write_eval_plots
+from .settings import check_output_file
 
-AA_DESCRIPTION = {"aa": "standard AutoAttack (APGD-CE, APGD-T, FAB-T, Square)", "aa-paper": "APGD-CE + APGD-T"}
+AA_DESCRIPTION = {name: version.description for name, version in AA_VERSIONS.items()}
 DASH = "—"
 
 
@@ -39,7 +40,8 @@ def with_se(acc: float | None, se: float | None) -> str:
 def eval_markdown(result: dict, plots: dict[str, Path] | None = None) -> str:
     attacks = result["attacks"]
     counts = result["class_counts"]
-    names = result.get("class_names") or [str(c) for c in range(len(counts))]
+    c_all = len(next(iter(attacks.values()))["per_class"])
+    names = result.get("class_names") or [str(c) for c in range(c_all)]
     aa_notes = [f"`{a}` = {AA_DESCRIPTION.get(a, a.removeprefix('aa:').replace('+', ' + '))}"
                 for a in attacks if is_autoattack(a)]
     inference = [i.get("name") for i in result.get("inference") or []]
@@ -52,13 +54,13 @@ def eval_markdown(result: dict, plots: dict[str, Path] | None = None) -> str:
         lines.append("- AutoAttack: " + "; ".join(aa_notes))
     lines += ["", "## Accuracy (%)", "", md_table(
         ["Attack", "Accuracy", "Many", "Medium", "Few", "Worst class", "Natural error", "Boundary error", "Seconds"],
-        [[a, with_se(m["accuracy"], m["std_error"]), *(f2(m["groups"][g]) for g in ("many", "medium", "few")),
+        [[a, with_se(m["accuracy"], m["std_error"]), *(f2((m["groups"] or {}).get(g)) for g in ("many", "medium", "few")),
           f"{f2(m['worst_class']['accuracy'])} ({names[m['worst_class']['class']]})", f2(m["natural_error"]),
           f2(m["boundary_error"]), result.get("seconds", {}).get(a, DASH)] for a, m in attacks.items()])]
     hardest = strongest(attacks, [a for a in attacks if a != "clean"])
-    order = sorted(range(len(counts)), key=lambda c: -counts[c])
+    order = head_to_tail(counts, c_all)
     header = ["Class", "Train images", *attacks] + ([f"Boundary error ({hardest})"] if hardest else [])
-    rows = [[names[c], counts[c], *(f2(m["per_class"][c]) for m in attacks.values())]
+    rows = [[names[c], counts[c] if counts else DASH, *(f2(m["per_class"][c]) for m in attacks.values())]
             + ([f2(attacks[hardest]["per_class_boundary_error"][c])] if hardest else []) for c in order]
     lines += ["", "## Per class (%), most to fewest training images", "", md_table(header, rows)]
     lines += ["", f"## Reliability checks ({result.get('checks_level', 'basic')})", ""]
@@ -102,9 +104,38 @@ def method_name(result: dict, path: Path) -> str:
     return name
 
 
+class EvalFileError(ValueError):
+    """An evaluation JSON that is not one `robal eval` wrote; the message names the file and what is wrong."""
+
+
+def check_eval_result(result, path: Path) -> dict:
+    """The parts of an evaluation JSON that reports read: attacks with accuracy, std_error and per-class lists."""
+    def bad(what):
+        raise EvalFileError(f"{path}: {what}; expected an evaluation JSON written by `robal eval`")
+
+    if not isinstance(result, dict) or not isinstance(result.get("attacks"), dict) or not result["attacks"]:
+        bad("no 'attacks' mapping")
+    for name, m in result["attacks"].items():
+        if not isinstance(m, dict):
+            bad(f"attacks.{name} is not a mapping")
+        for key in ("accuracy", "std_error"):
+            if isinstance(m.get(key), bool) or not isinstance(m.get(key), (int, float)):
+                bad(f"attacks.{name}.{key} is {m.get(key)!r}, not a number")
+        if not isinstance(m.get("per_class"), list):
+            bad(f"attacks.{name}.per_class is missing")
+    for key in ("n_test", "class_counts", "labels"):
+        if key not in result:
+            bad(f"no '{key}'")
+    return result
+
+
 def read_eval(run: str | Path) -> tuple[Path, dict]:
     path = eval_json_path(run)
-    return path, json.loads(path.read_text())
+    try:
+        result = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise EvalFileError(f"{path} is not JSON ({err}); expected an evaluation JSON written by `robal eval`") from None
+    return path, check_eval_result(result, path)
 
 
 def autoattack_of(result: dict) -> str | None:
@@ -191,6 +222,8 @@ def report_markdown(rows: list[dict], baseline: str | None = None) -> str:
 def write_report(runs: list[str | Path], out: str | Path | None = None, baseline: str | Path | None = None) -> str:
     """The report's Markdown; with `out`, also written there, with the plot beside it (same stem, .png). With
     `baseline` (a run or eval JSON), each row also gets its gains over the baseline (`gain_over_baseline`)."""
+    if out is not None:
+        check_output_file(out, "--out")
     evaluations = [read_eval(r) for r in runs]
     rows = [report_row(path, result) for path, result in evaluations]
     base_name = None

@@ -6,6 +6,7 @@ without the training config.
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 from torch import nn
@@ -65,6 +66,9 @@ def build_adjustments(inference: list[dict], class_counts) -> list[nn.Module]:
         if not isinstance(item, dict) or "name" not in item:
             raise ConfigError(f"{key}: expected a mapping with a 'name' (one of {', '.join(ADJUSTMENTS.names())})")
         args = {k: v for k, v in item.items() if k != "name"}
+        for k, v in args.items():
+            if isinstance(v, float) and not math.isfinite(v) or isinstance(v, str):
+                raise ConfigError(f"{key}.{k}: expected a finite number, got {v!r}")
         if item["name"] == "tde" and i != 0:
             raise ConfigError(f"{key}: 'tde' recomputes the head's logits, so it must come first")
         modules.append(ADJUSTMENTS.build(item["name"], args, key, class_counts=class_counts))

@@ -121,3 +121,11 @@ def cdt(in_features, num_classes, class_counts, tau: float = 0.1):
 @HEADS.register("tde")
 def tde(in_features, num_classes, class_counts, gamma: float = 0.0, momentum: float = 0.9):
     return TDEHead(in_features, num_classes, gamma, momentum)
+
+
+def build(name: str, in_features: int, num_classes: int, class_counts=None, **args):
+    """A registered head by name for your own model: `build("cosine", 512, 10, gamma=1/32)`. Heads that need the
+    training counts (LWS, CDT) take `class_counts`. Names: HEADS.names()."""
+    counts = list(class_counts) if class_counts is not None else [1] * num_classes
+    return HEADS.build(name, args, f"head '{name}'", in_features=in_features, num_classes=num_classes,
+                       class_counts=counts)

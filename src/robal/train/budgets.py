@@ -41,3 +41,25 @@ def power(class_counts, eps: float, epoch: int, tau: float = 0.1, max_scale: flo
     counts = torch.as_tensor(class_counts, dtype=torch.float).clamp_min(1)
     scale = (counts.max() / counts).pow(tau).clamp(max=max_scale)
     return eps * scale * warmup_factor(epoch, warmup_epochs)
+
+
+@EPS_BUDGETS.register("robustlt")
+def robustlt(class_counts, eps: float, epoch: int, alpha: float = 0.3, warmup_epochs: float = 0) -> torch.Tensor:
+    """RobustLT's class-wise budget (Zhang et al.; its core/methods/robustlt.py):
+
+        eps_c = (1 - alpha) eps + t sqrt(log(n_max / n_c)) eps,   t = alpha / sum_c pi_c sqrt(log(n_max / n_c)),
+
+    so the prior-weighted mean radius stays eps (the head class gets (1 - alpha) eps, the tail more), times the
+    ramp min((e - 1) / warmup_epochs, 1) of the 1-based epoch e (0 in the first epoch; RobustLT sets
+    warmup_epochs = beta * epochs with beta 0.8; 0 turns the ramp off).
+    """
+    if not 0 <= alpha <= 1 or warmup_epochs < 0:
+        raise ValueError(f"train.attack.budget_args: alpha must be in [0, 1] and warmup_epochs >= 0; got {alpha}, "
+                         f"{warmup_epochs}")
+    counts = torch.as_tensor(class_counts, dtype=torch.float64).clamp_min(1)
+    spread = torch.log(counts.max() / counts).sqrt()
+    weighted = (counts / counts.sum() * spread).sum()
+    t = alpha / weighted if weighted > 0 else 0.0  # balanced data: every class keeps eps
+    radius = ((1 - alpha) * eps + t * spread * eps) if weighted > 0 else torch.full_like(counts, eps)
+    ramp = min(epoch / warmup_epochs, 1.0) if warmup_epochs > 0 else 1.0
+    return (radius * ramp).float()

@@ -26,6 +26,9 @@ def atomic_save(obj: dict, path: str | Path) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:  # a full disk surfaces as either, depending on where torch.save is
+        raise CheckpointError(f"writing {path} failed ({err}); {path.name} was not replaced (its previous "
+                              f"version, if any, is intact)") from None
     finally:
         tmp.unlink(missing_ok=True)
     return path
@@ -103,7 +106,11 @@ def prune(run_dir: Path, keep_last: int) -> None:
 
 
 def resolve_model_path(path: str | Path) -> Path:
-    """A checkpoint file, or a run directory (its final model, else its newest epoch checkpoint)."""
+    """A checkpoint file, or a run directory (its final model, else its newest epoch checkpoint), or zoo:NAME."""
+    if str(path).startswith("zoo:"):  # the model zoo: a verified local file, downloaded if need be (robal/zoo.py)
+        from ..zoo import fetch
+
+        return fetch(str(path))
     path = Path(path)
     if path.is_dir():
         if (path / "model.pt").is_file():
@@ -116,9 +123,13 @@ def resolve_model_path(path: str | Path) -> Path:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu"):
-    """The eval-mode model a checkpoint (or run directory) describes, inference-time adjustments included."""
+    """The eval-mode model a checkpoint (run directory, zoo:NAME, or `robal export` folder) describes,
+    inference-time adjustments included."""
+    from ..export import is_export_dir, load_export
     from ..models import build_model
 
+    if is_export_dir(path):  # DIR/model.safetensors + DIR/model.json: read without pickle (robal/export.py)
+        return load_export(path, device)
     path = resolve_model_path(path)
     ckpt = read_checkpoint(path)
     try:

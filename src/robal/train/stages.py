@@ -91,8 +91,8 @@ def _build_one(settings: dict, key: str, attack, class_counts, device):
                                 loss=loss, attack=attack, class_counts=list(class_counts))
     except ConfigError:
         raise
-    except ValueError as err:
-        raise ConfigError(f"{key}: {err}") from None
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"{key}.loss_args / {key}.framework_args: {err}") from None
 
 
 def build_framework(train, class_counts, device=None) -> Framework:

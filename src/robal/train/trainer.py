@@ -6,6 +6,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -27,7 +28,11 @@ from .frameworks import FRAMEWORKS, TrainingAttack, eval_mode  # noqa: F401 (re-
 from .guard import OverfitGuard
 from .preflight import try_one_batch
 from .stages import build_framework
+from .tensorboard_log import RunBoard
 from .weighting import WEIGHTINGS
+
+
+LARGE_LOSS = 1e6  # a mean training loss above this is worth a warning (usually a learning rate far too large)
 
 
 class TrainingDiverged(RuntimeError):
@@ -52,13 +57,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def scale_sample(labels: np.ndarray, n: int) -> np.ndarray:
+    """Up to n indices, n // C of each class (all of a class that has fewer), the first ones of each class."""
+    classes = np.unique(labels)
+    per_class = max(1, n // len(classes))
+    return np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in classes])
+
+
 def step_lr(base_lr: float, epoch: int, milestones: list[int], gamma: float) -> float:
     """lr of 1-based `epoch`: base * gamma^(milestones reached); x0.1 at 60 and 75 means epochs 60-74 use 0.01."""
     return base_lr * gamma ** sum(epoch >= m for m in milestones)
 
 
 def autocast_for(device: torch.device, amp: str):
-    use = amp == "bf16" or (amp == "auto" and device.type == "cuda")
+    use = amp == "bf16"  # fp32 unless asked: no fp32-vs-bf16 evidence yet for the cosine head's KL term
     return torch.autocast(device.type, dtype=torch.bfloat16) if use else contextlib.nullcontext()
 
 
@@ -175,7 +187,12 @@ class Trainer:
         seed_everything(cfg.seed)
         # rank 0 loads (or downloads) the data and sends it
         self.data = distributed.main_first(prepare_data, cfg.data)
-        self.model = build_model(model_spec(cfg, self.data))
+        try:
+            self.model = build_model(model_spec(cfg, self.data))
+        except (RuntimeError, ValueError, TypeError) as err:
+            raise ConfigError(f"model: the {cfg.model.backbone} backbone with the '{cfg.model.head}' head cannot be "
+                              f"built from model.backbone_args {cfg.model.backbone_args} and model.head_args "
+                              f"{cfg.model.head_args}: {type(err).__name__}: {err}") from None
         if t.init_from:
             init_from_checkpoint(self.model, t.init_from, t.reset_head)
         self.model.to(self.device)
@@ -205,10 +222,12 @@ class Trainer:
         self.start_epoch = 0
         self.skipped = 0  # non-finite batches skipped so far in this run (train.skip_nonfinite)
         self.lock = RunLock(self.out) if self.out is not None and self.ctx.main else None
+        self.board = None  # train.tensorboard: RUN/tensorboard/ (tensorboard_log.py), on rank 0
         if self.out is None:
             return
         try:
             self._open(resume, overwrite)
+            self.board = RunBoard.for_run(cfg, self.out, self.start_epoch) if self.ctx.main else None
         except BaseException:
             if self.lock is not None:
                 self.lock.release()
@@ -273,19 +292,27 @@ class Trainer:
         ckpt = model_checkpoint(self.model, self.meta(epoch))
         ckpt["optimizer"] = self.optimizer.state_dict()
         ckpt["rng"] = rng_state(self.loader.generator)
-        atomic_save(ckpt, self.out / f"epoch_{epoch:03d}.pt")
+        try:
+            atomic_save(ckpt, self.out / f"epoch_{epoch:03d}.pt")
+        except CheckpointError as err:
+            raise CheckpointError(f"{err}; {self._kept()}") from None
         prune(self.out, self.cfg.train.keep_last)
         discard_replaced(self.out)  # the new run can be resumed now: the run it replaced goes
 
     @torch.no_grad()
     def logit_scale(self) -> float:
-        """Mean std of the predicted logits over up to 256 training images: the scale attacks see."""
+        """Mean std of the predicted logits over up to 256 training images, the same number of each class (the
+        first ones of a class-ordered set are all of class 0): the scale attacks see."""
+        idx = scale_sample(self.data.y_train, 256)
+        x = torch.from_numpy(np.ascontiguousarray(self.data.x_train[idx])).permute(0, 3, 1, 2).float().div(255)
         with eval_mode(self.model):
-            return self.model(self.loader.x[:256].float().div(255)).float().std(1).mean().item()
+            return self.model(x.to(self.device)).float().std(1).mean().item()
 
     def log(self, record: dict) -> None:
         with open(self.out / "log.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.board is not None:  # a view of log.jsonl, the record of truth
+            self.board.epoch(record)
 
     # ------------------------------------------------------------ loop
 
@@ -406,6 +433,9 @@ class Trainer:
             if not self.ctx.main:  # only rank 0 writes logs and checkpoints
                 continue
             self.log(record)
+            if record["loss"] > LARGE_LOSS:
+                print(f"warning: epoch {epoch + 1}: mean training loss {record['loss']:.3g} is above {LARGE_LOSS:g}; "
+                      f"check train.lr ({record['lr']:g}) and the loss settings", file=sys.stderr)
             if self.progress:
                 print(" ".join(f"{k}={v}" for k, v in record.items()))
             if (epoch + 1) % t.checkpoint_every == 0 or epoch + 1 == t.epochs:
@@ -413,6 +443,8 @@ class Trainer:
         if self.ctx.main:
             atomic_save(model_checkpoint(self.model, self.meta(t.epochs)), self.out / "model.pt")
             discard_replaced(self.out)
+            if self.board is not None:  # per-class clean test accuracy of the final model
+                self.board.final(self.model, self.data, t.epochs, self.cfg.eval.batch_size, self.device)
         distributed.barrier()  # on every rank, model.pt exists once fit returns
         return self.model
 
