@@ -61,6 +61,8 @@ class AttackConfig:
     loss: str = "ce"
     loss_args: dict = field(default_factory=dict)
     random_start: bool = True
+    start: str = "auto"                  # auto (the method's reference: normal for TRADES and MART, else
+                                         # uniform) | uniform | normal | none
     budget: str = "constant"             # constant | power (class-wise eps): radius per class and epoch
     budget_args: dict = field(default_factory=dict)
 
@@ -85,6 +87,8 @@ class TrainConfig:
     init_from: str | None = None         # start from this checkpoint (fine-tuning)
     reset_head: bool = False             # with init_from: keep the head freshly initialised (cRT)
     trainable: str = "all"               # all | head | class_scale
+    frozen_bn: bool = False              # trainable head/class_scale: BatchNorm in eval mode (True) or, as the
+                                         # reference fine-tunes, normalising with batch statistics (False)
     checkpoint_every: int = 5
     keep_last: int = 2
     amp: str = "off"                     # off (fp32, every device) | bf16 (opt-in) | auto (= off; older configs)
@@ -310,6 +314,7 @@ def _is_device(name: str) -> bool:
 
 def validate(cfg: Config, check_files: bool = True) -> None:
     from .attacks import ATTACK_LOSSES, EVAL_ATTACKS
+    from .attacks.gradient import START_POINTS
     from .data import SUBSETS, validate_image_keys
     from .data.loader import SAMPLERS
     from .data.sources import SOURCES
@@ -363,6 +368,8 @@ def validate(cfg: Config, check_files: bool = True) -> None:
     _require(a.eps >= 0, "train.attack.eps", f"must be >= 0; got {a.eps}")
     _require(a.step_size >= 0, "train.attack.step_size", f"must be >= 0; got {a.step_size}")
     _require(a.steps >= 0, "train.attack.steps", f"must be >= 0; got {a.steps}")
+    _require(a.start == "auto" or a.start in START_POINTS, "train.attack.start",
+             f"must be auto or one of {', '.join(START_POINTS.names())}; got '{a.start}'")
     ATTACK_LOSSES.check_args(a.loss, a.loss_args, "train.attack.loss_args", ("logits", "target", "target_probs"))
     _validate_beyond(cfg)
     SAMPLERS.get(t.sampler, "train.sampler")
@@ -380,6 +387,8 @@ def validate(cfg: Config, check_files: bool = True) -> None:
     _require(t.trainable in ("all", "head", "class_scale"), "train.trainable",
              f"must be all, head or class_scale; got '{t.trainable}'")
     _require(not t.reset_head or t.init_from is not None, "train.reset_head", "needs train.init_from")
+    _require(not t.frozen_bn or t.trainable != "all", "train.frozen_bn",
+             "freezes the backbone's BatchNorm of a fine-tune: needs train.trainable head or class_scale")
     _require(t.trainable == "all" or t.init_from is not None, "train.trainable",
              "freezing the backbone needs train.init_from (a trained checkpoint)")
     if check_files and t.init_from is not None:

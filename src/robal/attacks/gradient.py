@@ -42,25 +42,44 @@ def project(x_adv, x, eps):
     return torch.min(torch.max(x_adv, x - eps), x + eps).clamp_(0.0, 1.0)
 
 
+START_POINTS = Registry("attack start")
+
+
+@START_POINTS.register("uniform")
+def uniform_start(x, eps):
+    """A uniform point of the eps-ball (Madry et al.)."""
+    if torch.is_tensor(eps):  # per-image radii
+        return x + (torch.rand_like(x) * 2 - 1) * eps
+    return x + torch.empty_like(x).uniform_(-eps, eps)
+
+
+@START_POINTS.register("normal")
+def normal_start(x, eps, std: float = 0.001):
+    """x + 0.001 N(0, I), the start of the TRADES and MART reference code."""
+    return x + std * torch.randn_like(x)
+
+
+@START_POINTS.register("none")
+def no_start(x, eps):
+    return x.clone()
+
+
 def pgd(forward: Callable, x: torch.Tensor, target: torch.Tensor, eps: float, step_size: float, steps: int,
-        loss_fn: Callable = ce_loss, random_start: bool = True, restarts: int = 1, momentum: float = 0.0):
+        loss_fn: Callable = ce_loss, random_start: bool = True, restarts: int = 1, momentum: float = 0.0,
+        start: str | None = None):
     """Projected gradient ascent of `loss_fn` in the L-inf eps-ball (momentum > 0 gives MIM).
 
+    The start: `start` names one of START_POINTS; without it a uniform point of the ball (`random_start`) or x.
     With several restarts each sample keeps the restart with the highest final loss. No host syncs inside.
     eps and step_size may be tensors broadcasting against x, e.g. (N, 1, 1, 1): one radius per image.
     """
     x = x.detach()
     if steps == 0 or (not torch.is_tensor(eps) and eps == 0):
         return x.clone()
+    begin = START_POINTS.get(start or ("uniform" if random_start else "none"), "attack start")
     best, best_loss = x.clone(), None
     for _ in range(restarts):
-        if not random_start:
-            x_adv = x.clone()
-        elif torch.is_tensor(eps):  # per-image radii
-            x_adv = x + (torch.rand_like(x) * 2 - 1) * eps
-        else:
-            x_adv = x + torch.empty_like(x).uniform_(-eps, eps)
-        x_adv = project(x_adv, x, eps)
+        x_adv = project(begin(x, eps), x, eps)
         grad_avg = torch.zeros_like(x) if momentum > 0 else None
         for _ in range(steps):
             x_adv.requires_grad_(True)

@@ -17,10 +17,29 @@ from .backbones import BACKBONES
 from .heads import HEADS
 
 
+# Head arguments whose default changed, with the value of every spec written before the change: a new spec names
+# them (explicit_head_args), so a spec without them is an older checkpoint's and keeps its old meaning.
+CHANGED_HEAD_DEFAULTS = {"lws": {"bias": True}}  # LWS leaves the FC bias out by default since issue 27
+
+
+def explicit_head_args(head: str, head_args: dict) -> dict:
+    """head_args for a new spec: the arguments whose default changed written out with today's default."""
+    import inspect
+
+    changed = CHANGED_HEAD_DEFAULTS.get(head, {})
+    params = inspect.signature(HEADS.get(head)).parameters if changed else {}
+    return {**{k: params[k].default for k in changed}, **dict(head_args)}
+
+
+def spec_head_args(spec: dict) -> dict:
+    return {**CHANGED_HEAD_DEFAULTS.get(spec["head"], {}), **(spec.get("head_args") or {})}
+
+
 class RobustClassifier(nn.Module):
     """Maps [0, 1] NCHW images to the logits the method predicts with.
 
-    `features(x)`: backbone output; `training_logits(x)`: what training losses and training attacks see;
+    `features(x)`: backbone output; `training_logits(x)`: what training losses see; `attack_logits(x)`: what the
+    training attack maximises its loss on (the training logits except for CDT's raw-logit attack);
     `forward(x)`: head logits with the inference-time adjustments applied in order.
     """
 
@@ -31,7 +50,7 @@ class RobustClassifier(nn.Module):
         self.register_buffer("mean", torch.tensor(spec["mean"], dtype=torch.float).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(spec["std"], dtype=torch.float).view(1, -1, 1, 1))
         self.backbone = BACKBONES.build(spec["backbone"], spec.get("backbone_args"), "model.backbone_args")
-        self.head = HEADS.build(spec["head"], spec.get("head_args"), "model.head_args",
+        self.head = HEADS.build(spec["head"], spec_head_args(spec), "model.head_args",
                                 in_features=self.backbone.feature_dim, num_classes=len(counts),
                                 class_counts=counts)
         self.adjustments = nn.ModuleList(build_adjustments(spec.get("inference", []), counts))
@@ -45,6 +64,9 @@ class RobustClassifier(nn.Module):
 
     def training_logits(self, x):
         return self.head.training_logits(self.features(x))
+
+    def attack_logits(self, x):
+        return self.head.attack_logits(self.features(x))
 
     def forward(self, x):
         f = self.features(x)

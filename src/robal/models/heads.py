@@ -1,12 +1,13 @@
 """Classifier heads. `forward(f)` gives the raw logits z the method predicts with (before inference-time
-adjustments); `training_logits(f)` gives what the training losses see (differs for CDT and TDE)."""
+adjustments); `training_logits(f)` gives what the training losses see (differs for CDT and TDE);
+`attack_logits(f)` what the training attack maximises its loss on (the training logits, except CDT's)."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 import torch.nn.functional as F
 
-from ..registry import Registry
+from ..registry import ConfigError, Registry
 
 HEADS = Registry("head")
 
@@ -16,6 +17,9 @@ class LinearHead(nn.Linear):
 
     def training_logits(self, f):
         return self(f)
+
+    def attack_logits(self, f):
+        return self.training_logits(f)
 
 
 class CosineHead(nn.Module):
@@ -40,28 +44,45 @@ class CosineHead(nn.Module):
     def training_logits(self, f):
         return self(f)
 
+    def attack_logits(self, f):
+        return self.training_logits(f)
+
 
 class LWSHead(LinearHead):
-    """Learnable weight scaling: z_c = s_c * (<w_c, f> + b_c), s_c learned (the backbone usually frozen)."""
+    """Learnable weight scaling: z_c = s_c <w_c, f>, s_c learned (the backbone usually frozen), the FC bias left
+    out as in the reference's LWS classifier; `bias: true` keeps it inside the scaling: z_c = s_c (<w_c, f> + b_c).
+    The bias parameter exists either way, so a linear head's checkpoint loads into it."""
 
-    def __init__(self, in_features: int, num_classes: int):
+    def __init__(self, in_features: int, num_classes: int, bias: bool = False):
         super().__init__(in_features, num_classes)
         self.class_scale = nn.Parameter(torch.ones(num_classes))
+        self.use_bias = bias
 
     def forward(self, f):
-        return super().forward(f) * self.class_scale
+        return F.linear(f, self.weight, self.bias if self.use_bias else None) * self.class_scale
+
+
+CDT_ATTACK_ON = ("raw", "tempered")
 
 
 class CDTHead(LinearHead):
-    """Class-dependent temperature (Ye et al.): in training z_c / a_c with a_c = (n_max / n_c)^tau; plain at inference."""
+    """Class-dependent temperature (Ye et al.): the training loss sees z_c / a_c with a_c = (n_max / n_c)^tau;
+    plain z at inference. The training attack maximises its loss on the raw z (`attack_on: raw`, as the RoBal
+    reference code, which applies the temperatures in the outer loss only) or on z / a (`tempered`)."""
 
-    def __init__(self, in_features: int, num_classes: int, class_counts, tau: float = 0.1):
+    def __init__(self, in_features: int, num_classes: int, class_counts, tau: float = 0.1, attack_on: str = "raw"):
         super().__init__(in_features, num_classes)
+        if attack_on not in CDT_ATTACK_ON:
+            raise ConfigError(f"model.head_args.attack_on must be one of {', '.join(CDT_ATTACK_ON)}; got '{attack_on}'")
         counts = torch.as_tensor(class_counts, dtype=torch.float)
         self.register_buffer("temperature", (counts.max() / counts) ** tau)
+        self.attack_on = attack_on
 
     def training_logits(self, f):
         return self(f) / self.temperature
+
+    def attack_logits(self, f):
+        return self(f) if self.attack_on == "raw" else self.training_logits(f)
 
 
 def batch_mean(f):
@@ -98,9 +119,27 @@ class TDEHead(CosineHead):
         return (unit - alpha * (unit @ d)[:, None] * d) @ self.normalised_weight().t()
 
 
+def prior_bias(class_counts) -> torch.Tensor:
+    """b_c = log(pi_c / (1 - pi_c)), pi_c = n_c / n: a sigmoid (focal) loss starts from each class's prior
+    (the reference's `focal_init`, after Lin et al.)."""
+    pi = torch.as_tensor(class_counts, dtype=torch.float64)
+    pi = pi / pi.sum()
+    return torch.log(pi / (1 - pi)).float()
+
+
+BIAS_INITS = ("default", "prior")
+
+
 @HEADS.register("linear")
-def linear(in_features, num_classes, class_counts):
-    return LinearHead(in_features, num_classes)
+def linear(in_features, num_classes, class_counts, bias_init: str = "default"):
+    """`bias_init: prior` starts the bias at the class priors' log-odds (prior_bias), for the sigmoid focal loss."""
+    if bias_init not in BIAS_INITS:
+        raise ConfigError(f"model.head_args.bias_init must be one of {', '.join(BIAS_INITS)}; got '{bias_init}'")
+    head = LinearHead(in_features, num_classes)
+    if bias_init == "prior":
+        with torch.no_grad():
+            head.bias.copy_(prior_bias(class_counts))
+    return head
 
 
 @HEADS.register("cosine")
@@ -109,13 +148,13 @@ def cosine(in_features, num_classes, class_counts, gamma: float = 0.0):
 
 
 @HEADS.register("lws")
-def lws(in_features, num_classes, class_counts):
-    return LWSHead(in_features, num_classes)
+def lws(in_features, num_classes, class_counts, bias: bool = False):
+    return LWSHead(in_features, num_classes, bias)
 
 
 @HEADS.register("cdt")
-def cdt(in_features, num_classes, class_counts, tau: float = 0.1):
-    return CDTHead(in_features, num_classes, class_counts, tau)
+def cdt(in_features, num_classes, class_counts, tau: float = 0.1, attack_on: str = "raw"):
+    return CDTHead(in_features, num_classes, class_counts, tau, attack_on)
 
 
 @HEADS.register("tde")

@@ -1,7 +1,8 @@
 """Adversarial training frameworks: how a batch becomes a loss.
 
 Each gets the outer (long-tailed) loss and the training attack; the attack maximises its own inner loss on
-the head's training logits (unscaled for a cosine head unless train.attack.loss_args sets s), with BatchNorm
+the head's attack logits (the training logits, CDT's raw logits; unscaled for a cosine head unless
+train.attack.loss_args sets s), with BatchNorm
 in eval mode (as in the TRADES and RoBal reference code).
 """
 from __future__ import annotations
@@ -48,6 +49,12 @@ def frozen_parameters(model):
             p.requires_grad_(flag)
 
 
+def attack_logits(model):
+    """The logits the training attack maximises its loss on: `model.attack_logits` (CDT attacks its raw logits),
+    the training logits for a model without it."""
+    return getattr(model, "attack_logits", model.training_logits)
+
+
 @dataclass
 class TrainingAttack:
     """PGD on the inner loss. With a class-wise budget (`train.attack.budget`, see budgets.py) each image gets
@@ -61,6 +68,7 @@ class TrainingAttack:
     budget: str = "constant"
     budget_args: dict | None = None
     class_counts: list | None = None
+    start: str = "auto"  # a START_POINTS name, or auto: the framework's (uniform; TRADES and MART: normal)
 
     def __post_init__(self):
         self.class_eps = None  # (C,) radii of the current epoch; None: self.eps for every image
@@ -89,15 +97,21 @@ class TrainingAttack:
         step = eps * (self.step_size / self.eps) if self.eps > 0 else torch.full_like(eps, self.step_size)
         return eps, step
 
-    def __call__(self, model, x, target, y=None, loss_fn=None):
+    def start_for(self, framework_start: str) -> str:
+        if not self.random_start:
+            return "none"
+        return framework_start if self.start == "auto" else self.start
+
+    def __call__(self, model, x, target, y=None, loss_fn=None, start="uniform"):
         """PGD examples of x maximising loss_fn(logits, target) (default: train.attack.loss); `y` are the labels
-        (taken from target when it holds labels), needed by a class-wise budget."""
+        (taken from target when it holds labels), needed by a class-wise budget; `start`: the framework's start,
+        used unless train.attack.start names one."""
         if y is None and not target.is_floating_point():
             y = target
         eps, step = self.radius(x, y)
         with eval_mode(model), frozen_parameters(model):
-            return pgd(model.training_logits, x, target, eps, step, self.steps, loss_fn or self.inner_loss(),
-                       self.random_start)
+            return pgd(attack_logits(model), x, target, eps, step, self.steps, loss_fn or self.inner_loss(),
+                       start=self.start_for(start))
 
 
 def batch_kl(logits_adv, logits_nat):
@@ -168,7 +182,7 @@ class FGSMAT(Framework):
     def __call__(self, model, x, y, class_weight=None):
         eps, _ = self.attack.radius(x, y)
         with eval_mode(model), frozen_parameters(model):
-            x_adv = pgd(model.training_logits, x, y, eps, self.step * eps, 1, self.attack.inner_loss(),
+            x_adv = pgd(attack_logits(model), x, y, eps, self.step * eps, 1, self.attack.inner_loss(),
                         random_start=True)
         z_adv = model.training_logits(x_adv)
         loss = self.loss(z_adv, y, class_weight)
@@ -183,7 +197,9 @@ class TRADES(Framework):
     """Zhang et al.: loss(z_on) + beta * KL(softmax(z_nat) || softmax(z_adv)).
 
     `outer_on: natural` is TRADES; `adversarial` puts the long-tailed loss on the adversarial logits (RoBal).
-    The default attack loss is the KL itself (`train.attack.loss: kl`); RoBal attacks with CE.
+    The default attack loss is the KL itself (`train.attack.loss: kl`); RoBal attacks with CE. Unless
+    train.attack.start names one, the attack starts as in each method's reference code: TRADES at
+    x + 0.001 N(0, I), RoBal (outer_on adversarial, the reference's add_reg training) at a uniform point.
     """
 
     def __init__(self, loss, attack, beta: float = 6.0, outer_on: str = "natural", class_counts=None):
@@ -196,10 +212,11 @@ class TRADES(Framework):
         if self.attack.loss != "kl":
             return y
         with eval_mode(model), torch.no_grad():
-            return F.softmax(model.training_logits(x).float(), 1)
+            return F.softmax(attack_logits(model)(x).float(), 1)
 
     def __call__(self, model, x, y, class_weight=None):
-        x_adv = self.attack(model, x, self.attack_target(model, x, y), y=y)
+        start = "normal" if self.outer_on == "natural" else "uniform"
+        x_adv = self.attack(model, x, self.attack_target(model, x, y), y=y, start=start)
         z_nat = model.training_logits(x)
         z_adv = model.training_logits(x_adv)
         outer = self.loss(z_nat if self.outer_on == "natural" else z_adv, y, class_weight)
@@ -208,14 +225,15 @@ class TRADES(Framework):
 
 @FRAMEWORKS.register("mart")
 class MART(Framework):
-    """Wang et al.: loss(z_adv) - log(1 - max_{k!=y} p_adv,k) + beta * mean(KL(p_nat || p_adv) * (1 - p_nat,y))."""
+    """Wang et al.: loss(z_adv) - log(1 - max_{k!=y} p_adv,k) + beta * mean(KL(p_nat || p_adv) * (1 - p_nat,y)).
+    The attack starts at x + 0.001 N(0, I) as the MART reference code, unless train.attack.start says otherwise."""
 
     def __init__(self, loss, attack, beta: float = 6.0, class_counts=None):
         super().__init__(loss, attack, class_counts)
         self.beta = beta
 
     def __call__(self, model, x, y, class_weight=None):
-        x_adv = self.attack(model, x, y)
+        x_adv = self.attack(model, x, y, start="normal")
         z_nat = model.training_logits(x)
         z_adv = model.training_logits(x_adv)
         p_adv = F.softmax(z_adv.float(), 1)

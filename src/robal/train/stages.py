@@ -99,7 +99,8 @@ def build_framework(train, class_counts, device=None) -> Framework:
     """The framework the trainer calls each batch, with `set_epoch(epoch)` to call before each epoch."""
     a = train.attack
     attack = TrainingAttack(a.eps, a.step_size, a.steps, a.loss, a.loss_args, a.random_start,
-                            getattr(a, "budget", "constant"), getattr(a, "budget_args", None), list(class_counts))
+                            getattr(a, "budget", "constant"), getattr(a, "budget_args", None), list(class_counts),
+                            getattr(a, "start", "auto"))
     main = _build_one({"framework": train.framework, "framework_args": train.framework_args, "loss": train.loss,
                        "loss_args": train.loss_args}, "train", attack, class_counts, device)
     stages = getattr(train, "stages", None) or []

@@ -19,7 +19,7 @@ from .. import distributed
 from ..config import Config, from_dict
 from ..data import build_train_loader, prepare_data
 from ..losses import LOSSES
-from ..models import build_model
+from ..models import build_model, explicit_head_args
 from ..registry import ConfigError
 from ..rundir import RunDirError, RunLock, check_replaceable, contents, discard_replaced, inside, set_aside
 from .checkpoint import (CheckpointError, atomic_save, checkpoint_paths, latest_good_checkpoint, model_checkpoint,
@@ -76,7 +76,7 @@ def autocast_for(device: torch.device, amp: str):
 
 def model_spec(cfg: Config, data) -> dict:
     return {"backbone": cfg.model.backbone, "backbone_args": dict(cfg.model.backbone_args),
-            "head": cfg.model.head, "head_args": dict(cfg.model.head_args),
+            "head": cfg.model.head, "head_args": explicit_head_args(cfg.model.head, cfg.model.head_args),
             "class_counts": list(data.class_counts), "class_names": list(data.class_names),
             "mean": data.mean, "std": data.std, "inference": [dict(i) for i in cfg.inference]}
 
@@ -329,7 +329,7 @@ class Trainer:
         if self.ctx.distributed:  # each rank its own random starts, fixed by (seed, epoch, rank) for exact resume
             torch.manual_seed(distributed.epoch_seed(self.cfg.seed, epoch, self.ctx.rank))
         self.model.train()
-        if t.trainable != "all":  # frozen backbone keeps its BatchNorm statistics
+        if t.frozen_bn:  # the fine-tune's backbone keeps its BatchNorm statistics
             self.model.backbone.eval()
         totals = torch.zeros(5, device=self.device)  # loss sum, clean right, clean seen, adv right, adv seen
         bar = tqdm(self.loader, desc=f"epoch {epoch + 1}/{t.epochs}", disable=not self.progress, leave=False)
