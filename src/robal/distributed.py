@@ -2,8 +2,9 @@
 
 `torchrun --nproc-per-node N -m robal train CONFIG --out RUN` starts N processes; each finds its rank in the
 environment torchrun sets (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) and joins one process group: NCCL
-when the run's device is CUDA (rank r on cuda:LOCAL_RANK), gloo on the CPU. Without those variables, or with
-WORLD_SIZE 1, everything here is a no-op and robal runs as one process.
+when the run's device is CUDA (rank r on cuda:LOCAL_RANK), gloo on the CPU; a one-process torchrun joins a group
+of one (so one GPU exercises NCCL; a CPU run draws its random starts as rank 0 of a larger run would). Without
+torchrun everything here is a no-op and robal runs as one process.
 
 How one run is spread (see the README section "Several GPUs, several nodes"):
 - training: every rank draws the same global epoch order and augmentation from the loader's CPU generator
@@ -31,14 +32,16 @@ from torch import nn
 
 @dataclass(frozen=True)
 class Context:
-    """This process's place in the run: rank of world, local_rank on its node."""
+    """This process's place in the run: rank of world, local_rank on its node; `launched`: started by torchrun (or
+    in an initialised process group), so even a one-process run takes the distributed path (one GPU: NCCL)."""
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    launched: bool = False
 
     @property
     def distributed(self) -> bool:
-        return self.world > 1
+        return self.world > 1 or self.launched
 
     @property
     def main(self) -> bool:
@@ -52,18 +55,19 @@ class Context:
 def env_context() -> Context:
     """The rank torchrun gave this process (rank 0 of 1 when not launched by torchrun)."""
     env = os.environ
-    return Context(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
+    return Context(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)),
+                   launched="TORCHELASTIC_RUN_ID" in env)
 
 
 def current() -> Context:
     """The context of the initialised process group, else one process."""
     if dist.is_available() and dist.is_initialized():
-        return Context(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+        return Context(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), launched=True)
     return Context()
 
 
 def setup(device_name: str) -> tuple[Context, torch.device]:
-    """Join torchrun's process group (if launched by it with WORLD_SIZE > 1); this rank's device.
+    """Join torchrun's process group (if launched by it, one process included); this rank's device.
 
     A CUDA device (`auto` on a GPU machine, `cuda`, `cuda:N`) becomes cuda:LOCAL_RANK: one GPU per process
     (choose the GPUs with CUDA_VISIBLE_DEVICES). Backend: NCCL on CUDA, gloo otherwise.

@@ -8,14 +8,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from .attacks import is_autoattack
 from .metrics import GRADIENT_ATTACKS, head_to_tail, strongest
 
 
 def new_figure(width: float, height: float, ncols: int = 1):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # here: the CLI starts a second sooner without it
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(fig)
     return fig, fig.subplots(1, ncols)

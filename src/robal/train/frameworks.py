@@ -167,7 +167,8 @@ class FGSMAT(Framework):
     TRADES term RoBal trains with; the outer loss stays on the adversarial logits). Its known failure is
     catastrophic overfitting (robust accuracy collapsing within an epoch): watch it with train.overfit_guard.
     train.attack.steps and step_size are not used; eps (and a class-wise budget) are. As in every robal framework
-    the attack sees BatchNorm in eval mode (Wong et al.'s code attacks in train mode).
+    the attack sees BatchNorm in eval mode (Wong et al.'s code attacks in train mode). It starts at a uniform point
+    unless train.attack.start (or random_start: false) says otherwise.
     """
 
     def __init__(self, loss, attack, step: float = 1.25, beta: float = 0.0, class_counts=None):
@@ -183,7 +184,7 @@ class FGSMAT(Framework):
         eps, _ = self.attack.radius(x, y)
         with eval_mode(model), frozen_parameters(model):
             x_adv = pgd(attack_logits(model), x, y, eps, self.step * eps, 1, self.attack.inner_loss(),
-                        random_start=True)
+                        start=self.attack.start_for("uniform"))
         z_adv = model.training_logits(x_adv)
         loss = self.loss(z_adv, y, class_weight)
         if self.beta == 0:
