@@ -165,3 +165,42 @@ def test_issue_size_table_reads_each_kind_and_pairs_with_pgd_at(tables, tmp_path
     # PGD-20 per-image differences vs PGD-AT 0, 0, +1, 0; AA-paper none; unconfirmed gap differences 0, 0, +1, 0
     assert tau[7:] == [f"— / +25.00 ({noise:.2f}) / +0.00 (0.00) / —", "+25.00 (fail)"]
     assert "### Table 1 rows at issue 9's sizes" in tables.render(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def pareto():
+    import sys
+
+    sys.path.insert(0, str(SCRIPT.parent))  # pareto.py imports study_tables' row labels
+    try:
+        spec = importlib.util.spec_from_file_location("pareto", SCRIPT.parent / "pareto.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    return module
+
+
+def test_pareto_front_and_tail_gains_by_hand(pareto, tmp_path):
+    """Rows dominated on both clean and AA accuracy are off the front (a tie on both does not dominate); the tail
+    third's gain is counted on the tail classes' images only, with the paired noise of those images."""
+    pts = [{"row": r, "clean": c, "aa": a} for r, c, a in
+           [("a", 30, 22), ("b", 50, 20), ("c", 48, 24), ("d", 40, 21), ("e", 48, 24), ("f", 52, 19)]]
+    assert pareto.pareto_front(pts, "aa") == {"b", "c", "e", "f"}  # d is beaten by c; c and e tie
+
+    counts = [500, 300, 200, 100, 50, 20]  # thirds: classes 0-1, 2-3, 4-5 (the tail)
+    labels = [0, 1, 2, 3, 4, 5] * 10
+
+    def result(right):  # right(i, y): image i (label y) classified correctly under AA
+        preds = [y if right(i, y) else (y + 1) % 6 for i, y in enumerate(labels)]
+        return {"labels": labels, "class_counts": counts, "attacks": {"aa": {"predictions": preds}}}
+
+    base = result(lambda i, y: y < 2)                    # the head right, the tail never
+    run = result(lambda i, y: y < 2 or (y >= 4 and i % 3 == 0))  # and a third of the tail images
+    gain, noise = pareto.tail_gain_over(run, base)
+    tail = [i for i, y in enumerate(labels) if y >= 4]
+    diff = [float(i % 3 == 0) for i in tail]  # per tail image: run right minus base right
+    mean = sum(diff) / len(diff)
+    sd = statistics.pstdev(diff)
+    assert gain == pytest.approx(100 * mean)
+    assert noise == pytest.approx(2 * 100 * sd / len(diff) ** 0.5)

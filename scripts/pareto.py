@@ -1,0 +1,130 @@
+"""Which method should I use? Clean accuracy against AutoAttack accuracy for every study row, and its Pareto front.
+
+For every row NAME with both NAME.eval_full.json (clean on all 10,000 test images) and NAME.eval_aa.json (standard
+AutoAttack on the fixed stratified 1,000) in docs/results: clean, standard AA, the tail third's standard AA (the
+classes with the fewest training images), whether the row is on the clean-vs-AA Pareto front (no other row has
+both higher clean and higher AA accuracy), and its AA gains over PGD-AT on the same 1,000 images (all of them,
+and the tail third's) with two paired standard errors (the noise a claim about the row must beat). Writes a Markdown table and a two-panel plot (clean
+vs AA, clean vs tail-third AA).
+
+    python scripts/pareto.py [--results docs/results] [--out docs/results/pareto]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from study_tables import TABLE_1, TABLE_2
+
+import numpy as np
+
+from robal.evaluate.checks import paired_noise, pct
+from robal.evaluate.metrics import class_groups
+from robal.evaluate.report import correct, paired_gains
+
+BASELINE = "pgd_at"
+LATER = [("at_bsl", "AT-BSL-RA"), ("at_bsl_aua", "AT-BSL-AuA"), ("reat", "REAT"), ("taet", "TAET"),
+         ("classwise_eps", "class-wise eps")]
+
+
+def rows() -> list[tuple[str, str]]:
+    """(row, label) of every study row, each once: Table 2, Table 1, the later methods."""
+    seen, out = set(), []
+    for row, label, *_ in [*TABLE_2, *TABLE_1, *LATER]:
+        if row not in seen:
+            seen.add(row)
+            out.append((row, label))
+    return out
+
+
+def load(results: Path, row: str) -> tuple[dict, dict] | None:
+    paths = [results / f"{row}.{kind}.json" for kind in ("eval_full", "eval_aa")]
+    return tuple(json.loads(p.read_text()) for p in paths) if all(p.is_file() for p in paths) else None
+
+
+def points(results: Path) -> list[dict]:
+    baseline = load(results, BASELINE)
+    out = []
+    for row, label in rows():
+        loaded = load(results, row)
+        if loaded is None:
+            continue
+        full, aa = loaded
+        gain, noise = paired_gains(aa, baseline[1])["aa"] if baseline and row != BASELINE else (None, None)
+        tail_gain, tail_noise = tail_gain_over(aa, baseline[1]) if baseline and row != BASELINE else (None, None)
+        out.append({"row": row, "label": label, "clean": full["attacks"]["clean"]["accuracy"],
+                    "aa": aa["attacks"]["aa"]["accuracy"], "tail_aa": aa["attacks"]["aa"]["groups"]["few"],
+                    "gain": gain, "noise": noise, "tail_gain": tail_gain, "tail_noise": tail_noise})
+    return out
+
+
+def tail_gain_over(result: dict, baseline: dict, attack: str = "aa") -> tuple[float, float]:
+    """The tail third's accuracy gain over the baseline under `attack`, and two paired standard errors, on the
+    test images of the tail classes (`few`: the third of the classes with the fewest training images)."""
+    if result["labels"] != baseline["labels"]:
+        raise ValueError("the two evaluations did not attack the same test images (labels differ)")
+    tail = np.isin(result["labels"], class_groups(result["class_counts"])[0]["few"])
+    a, b = correct(result, attack)[tail], correct(baseline, attack)[tail]
+    return pct(a) - pct(b), paired_noise(a, b)
+
+
+def pareto_front(pts: list[dict], y: str) -> set[str]:
+    """Rows that no other row beats on both clean accuracy and `y` (ties do not dominate)."""
+    return {p["row"] for p in pts
+            if not any(q["clean"] >= p["clean"] and q[y] >= p[y] and (q["clean"], q[y]) != (p["clean"], p[y])
+                       for q in pts)}
+
+
+def table(pts: list[dict]) -> str:
+    front, tail_front = pareto_front(pts, "aa"), pareto_front(pts, "tail_aa")
+    lines = ["| Row | Clean (10,000) | standard AA (1,000) | tail-third AA (300 of the 1,000) | vs PGD-AT, paired "
+             "(two SE): AA / tail-third AA | front: clean-AA | front: clean-tail AA |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for p in sorted(pts, key=lambda p: -p["clean"]):
+        gains = "" if p["gain"] is None else (f"{p['gain']:+.2f} ({p['noise']:.2f}) / "
+                                              f"{p['tail_gain']:+.2f} ({p['tail_noise']:.2f})")
+        lines.append(f"| {p['label']} | {p['clean']:.2f} | {p['aa']:.2f} | {p['tail_aa']:.2f} | {gains} | "
+                     f"{'yes' if p['row'] in front else ''} | {'yes' if p['row'] in tail_front else ''} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(pts: list[dict], path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(12, 5.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    for ax, y, name in zip(fig.subplots(1, 2), ("aa", "tail_aa"), ("standard AA", "tail-third standard AA")):
+        front = pareto_front(pts, y)
+        for p in pts:
+            on = p["row"] in front
+            ax.scatter(p["clean"], p[y], s=40 if on else 18, color="tab:red" if on else "tab:gray", zorder=3)
+            ax.annotate(p["label"], (p["clean"], p[y]), fontsize=7, xytext=(3, 2), textcoords="offset points")
+        line = sorted((p["clean"], p[y]) for p in pts if p["row"] in front)
+        ax.plot(*zip(*line), color="tab:red", lw=1, zorder=2)
+        ax.set_xlabel("clean accuracy, all 10,000 test images (%)")
+        ax.set_ylabel(f"{name}, stratified 1,000 (%)")
+        ax.grid(alpha=0.3)
+        ax.set_title(f"clean vs {name} (red: Pareto front)", fontsize=10)
+    fig.suptitle("CIFAR-10-LT rho 50 (JPEG-decoded), PreAct-ResNet-18 w16, 20 epochs, eps 8/255", fontsize=10)
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--results", default="docs/results", type=Path)
+    p.add_argument("--out", default="docs/results/pareto", help="writes OUT.md and OUT.png")
+    args = p.parse_args(argv)
+    pts = points(args.results)
+    if not pts:
+        raise SystemExit(f"no row has both eval_full and eval_aa JSONs in {args.results}")
+    text = table(pts)
+    print(text, end="")
+    Path(f"{args.out}.md").write_text(text)
+    plot(pts, Path(f"{args.out}.png"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
