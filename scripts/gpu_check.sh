@@ -55,12 +55,13 @@ FAILED=0
 step() {  # step NAME LOGFILE COMMAND...: run, log stdout+stderr, record status and seconds
   local name=$1 log=$2 start rc
   shift 2
-  start=$(date +%s.%N)
+  start=$(date +%s%N)
   echo "== $name: $*" | tee -a "$OUT/commands.txt"
   "$@" > "$log" 2>&1
   rc=$?
-  printf '%-22s %s  %6.1f s  %s\n' "$name" "$([ $rc = 0 ] && echo ok || echo "FAILED (exit $rc)")" \
-    "$(echo "$(date +%s.%N) - $start" | bc)" "$(basename "$log")" | tee -a "$SUMMARY"
+  local ms=$(( ($(date +%s%N) - start) / 1000000 ))
+  printf '%-22s %s  %4d.%01d s  %s\n' "$name" "$([ $rc = 0 ] && echo ok || echo "FAILED (exit $rc)")" \
+    $((ms / 1000)) $((ms % 1000 / 100)) "$(basename "$log")" | tee -a "$SUMMARY"
   [ $rc = 0 ] || FAILED=1
 }
 
