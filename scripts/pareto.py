@@ -15,7 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
-from study_tables import TABLE_1, TABLE_2
+from study_tables import LATER, TABLE_1, TABLE_2
 
 import numpy as np
 
@@ -24,8 +24,6 @@ from robal.evaluate.metrics import class_groups
 from robal.evaluate.report import correct, paired_gains
 
 BASELINE = "pgd_at"
-LATER = [("at_bsl", "AT-BSL-RA"), ("at_bsl_aua", "AT-BSL-AuA"), ("reat", "REAT"), ("taet", "TAET"),
-         ("classwise_eps", "class-wise eps")]
 
 
 def rows() -> list[tuple[str, str]]:

@@ -6,10 +6,11 @@ on the fixed stratified 300-image subset), and NAME.eval_full.json (PGD-20 on al
 where it exists. Rows without the first two are listed as not run. Each row also gets its
 PGD-20 and AA gains over PGD-AT on the same 300 images and the PGD-20 gain AutoAttack does not confirm
 (`robal report --baseline`). The paper's numbers (WRN-34-10, 80 epochs, original CIFAR-10 files) stand beside.
-The last two tables hold the Table 2 and Table 1 rows at issue 9's sizes, where they were run: NAME.eval_full.json
+The last three tables hold the Table 2 rows, the Table 1 rows and the later methods (with PGD-AT and RoBal-N) at
+issue 9's sizes, where they were run: NAME.eval_full.json
 (clean and PGD-20 on all 10,000), NAME.eval_1000.json (clean, PGD-20, AA-paper on the stratified 1,000) and
-NAME.eval_aa.json (AA-paper and standard AA on the same 1,000), with paired gains over PGD-AT and the PGD-20 gain
-that AA-paper does not confirm on the 1,000.
+NAME.eval_aa.json (AA-paper and standard AA on the same 1,000), with paired gains over PGD-AT (the later methods: and
+over RoBal-N) and the PGD-20 gain that AA-paper does not confirm on the 1,000.
 
     python scripts/study_tables.py [--results docs/results] [--doc docs/results.md]
 
@@ -54,7 +55,16 @@ TABLE_2 = [
     ("robal_n", "RoBal-N", (75.52, 33.50, 31.72)),
     ("robal_r", "RoBal-R", (74.51, 33.87, 32.04)),
 ]
+# the methods after RoBal (issue 28 item 1), each held against PGD-AT and RoBal-N on the same images
+LATER = [
+    ("at_bsl", "AT-BSL-RA", None),
+    ("at_bsl_aua", "AT-BSL-AuA", None),
+    ("reat", "REAT", None),
+    ("taet", "TAET", None),
+    ("classwise_eps", "class-wise eps (RobustLT)", None),
+]
 SEEDED = [("pgd_at", "PGD-AT"), ("robal_n", "RoBal-N")]
+LABELS = dict(SEEDED)
 SEEDS = (0, 1, 2)
 
 
@@ -181,9 +191,9 @@ def evaluation_with(results: Path, row: str, attack: str, kinds: tuple[str, ...]
     return None
 
 
-def paired_cell(results: Path, attack: str, kinds: tuple[str, ...], result: dict | None) -> str:
-    """The row's gain over PGD-AT on the same images, with two standard errors of the paired difference."""
-    base = evaluation_with(results, BASELINE, attack, kinds)
+def paired_cell(results: Path, attack: str, kinds: tuple[str, ...], result: dict | None, baseline: str) -> str:
+    """The row's gain over the baseline row on the same images, with two standard errors of the paired difference."""
+    base = evaluation_with(results, baseline, attack, kinds)
     if result is None or base is None:
         return "—"
     gain, two_se = paired_gains(result, base)[attack]
@@ -197,22 +207,25 @@ def unconfirmed_cell(results: Path, row: str) -> str:
     return "—" if gain is None else f"{gain['excess']:+.2f} ({gain['status']})"
 
 
-def issue_size_table(results: Path, rows: list) -> str:
-    """Accuracy ± standard error at issue 9's sizes, each row's gain over PGD-AT on the same images with two
-    standard errors of the paired difference, and the PGD-20 gain AA-paper does not confirm; "—" where an
-    evaluation was not run."""
+def issue_size_table(results: Path, rows: list, baselines: tuple[str, ...] = (BASELINE,)) -> str:
+    """Accuracy ± standard error at issue 9's sizes, each row's gain over each baseline row (PGD-AT by default) on
+    the same images with two standard errors of the paired difference, and the PGD-20 gain AA-paper does not
+    confirm over PGD-AT; "—" where an evaluation was not run."""
     header = ["Row", *(c for c, _, _ in ISSUE_SIZE_COLUMNS),
-              "vs PGD-AT, paired (two SE): " + " / ".join(PAIRED_COLUMNS), "unconfirmed PGD-20 gain (1,000)"]
+              *(f"vs {LABELS[b]}, paired (two SE): " + " / ".join(PAIRED_COLUMNS) for b in baselines),
+              "unconfirmed PGD-20 gain (1,000)"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for row, label, _ in rows:
-        cells, gains = [label], []
+        cells, gains = [label], {b: [] for b in baselines if b != row}
         for column, attack, kinds in ISSUE_SIZE_COLUMNS:
             result = evaluation_with(results, row, attack, kinds)
             cells.append("—" if result is None else with_se(result["attacks"][attack]["accuracy"],
                                                              result["attacks"][attack]["std_error"]))
-            if column in PAIRED_COLUMNS and row != BASELINE:
-                gains.append(paired_cell(results, attack, kinds, result))
-        cells += ["", ""] if row == BASELINE else [" / ".join(gains), unconfirmed_cell(results, row)]
+            if column in PAIRED_COLUMNS:
+                for baseline, cell in gains.items():
+                    cell.append(paired_cell(results, attack, kinds, result, baseline))
+        cells += [" / ".join(gains[b]) if b in gains else "" for b in baselines]
+        cells.append("" if row == BASELINE else unconfirmed_cell(results, row))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -223,7 +236,9 @@ def render(results: Path) -> str:
         "### Table 1 rows (long-tailed methods inside PGD-AT)", table(results, TABLE_1),
         "### Seed repeats (mean ± standard deviation over seeds)", seed_table(results),
         "### Table 2 rows at issue 9's sizes", issue_size_table(results, TABLE_2),
-        "### Table 1 rows at issue 9's sizes", issue_size_table(results, TABLE_1)])
+        "### Table 1 rows at issue 9's sizes", issue_size_table(results, TABLE_1),
+        "### Later methods at issue 9's sizes (issue 28), against PGD-AT and RoBal-N",
+        issue_size_table(results, [*TABLE_2[:1], TABLE_2[2], *LATER], baselines=(BASELINE, "robal_n"))])
 
 
 def replace_block(doc: Path, block: str) -> None:

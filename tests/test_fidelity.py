@@ -253,3 +253,38 @@ def test_lws_scales_the_fc_logits_without_the_bias_and_older_checkpoints_keep_th
     lws_cfg = load_config(DIGITS, ["model.head=lws"])
     assert model_spec(lws_cfg, Data)["head_args"] == {"bias": False}
     assert model_spec(load_config(DIGITS), Data)["head_args"] == {}
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_without_bf16_hardware_warns(monkeypatch, capsys, native):
+    """train.amp: bf16 on a device that only emulates bf16 says so before training (13x slower than fp32 on an
+    AVX2 CPU); on hardware with bf16, and in fp32, nothing is said."""
+    from robal.train import trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "native_bf16", lambda device: native)
+    tiny = ["model.backbone_args.width=8", "train.attack.steps=1", "train.epochs=1", "train.lr_milestones=[]"]
+    trainer_module.Trainer(load_config(DIGITS, tiny + ["train.amp=bf16"]), None, progress=False)
+    warned = capsys.readouterr().out
+    assert ("without bf16 support" in warned) is not native
+    if not native:
+        assert "train.amp: bf16" in warned and "train.amp: off" in warned
+    trainer_module.Trainer(load_config(DIGITS, tiny), None, progress=False)
+    assert "bf16" not in capsys.readouterr().out
+
+
+def test_native_bf16_reads_the_cpu():
+    """bf16 hardware (avx512_bf16, AMX) counts as native, a CPU without AVX-512 (bf16 emulated) does not; oneDNN's
+    check decides in between."""
+    import torch
+
+    from robal.train.trainer import native_bf16
+
+    if not Path("/proc/cpuinfo").is_file():
+        pytest.skip("no /proc/cpuinfo to compare with")
+    flags = set(Path("/proc/cpuinfo").read_text().split())
+    if flags & {"avx512_bf16", "amx_bf16"}:
+        assert native_bf16(torch.device("cpu"))
+    elif "avx512bw" not in flags:
+        assert not native_bf16(torch.device("cpu"))
+    else:
+        pytest.skip("AVX-512 without bf16 instructions: oneDNN's own check decides")

@@ -166,6 +166,24 @@ def test_issue_size_table_reads_each_kind_and_pairs_with_pgd_at(tables, tmp_path
     assert tau[7:] == [f"— / +25.00 ({noise:.2f}) / +0.00 (0.00) / —", "+25.00 (fail)"]
     assert "### Table 1 rows at issue 9's sizes" in tables.render(tmp_path)
 
+    # a later method: standard AA on the 1,000 only, held against PGD-AT and against RoBal-N image by image
+    at_bsl = evaluation([1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 1, 0])
+    at_bsl["attacks"]["aa"] = at_bsl["attacks"]["aa-paper"]
+    save("at_bsl", "eval_aa", only(at_bsl, "aa-paper", "aa"))
+    later = tables.issue_size_table(tmp_path, [*tables.TABLE_2[:1], tables.TABLE_2[2], *tables.LATER],
+                                    baselines=("pgd_at", "robal_n"))
+    assert "vs PGD-AT, paired (two SE)" in later and "vs RoBal-N, paired (two SE)" in later
+    row = cells(later, "AT-BSL-RA")
+    vs_pgd = 200 * statistics.pstdev([0, 1, 1, 0]) / 40 ** 0.5   # AA right minus PGD-AT's: 0, +1, +1, 0
+    vs_robal = 200 * statistics.pstdev([0, 0, 1, 0]) / 40 ** 0.5  # minus RoBal-N's: 0, 0, +1, 0
+    assert row[5:7] == ["75.00 ± 1.00", "75.00 ± 1.00"]
+    assert row[7:] == [f"— / — / +50.00 ({vs_pgd:.2f}) / +50.00 ({vs_pgd:.2f})",
+                       f"— / — / +25.00 ({vs_robal:.2f}) / +25.00 ({vs_robal:.2f})", "—"]
+    assert cells(later, "RoBal-N")[7:] == ["— / — / +25.00 ({:.2f}) / +25.00 ({:.2f})".format(noise, noise), "", "—"]
+    assert cells(later, "PGD-AT")[7:] == ["", "— / — / -25.00 ({:.2f}) / -25.00 ({:.2f})".format(noise, noise), ""]
+    assert cells(later, "TAET")[1:] == ["—"] * 6 + ["— / — / — / —"] * 2 + ["—"]
+    assert "### Later methods at issue 9's sizes" in tables.render(tmp_path)
+
 
 @pytest.fixture(scope="module")
 def pareto():
