@@ -6,11 +6,13 @@ on the fixed stratified 300-image subset), and NAME.eval_full.json (PGD-20 on al
 where it exists. Rows without the first two are listed as not run. Each row also gets its
 PGD-20 and AA gains over PGD-AT on the same 300 images and the PGD-20 gain AutoAttack does not confirm
 (`robal report --baseline`). The paper's numbers (WRN-34-10, 80 epochs, original CIFAR-10 files) stand beside.
-The last three tables hold the Table 2 rows, the Table 1 rows and the later methods (with PGD-AT and RoBal-N) at
+Then three tables hold the Table 2 rows, the Table 1 rows and the later methods (with PGD-AT and RoBal-N) at
 issue 9's sizes, where they were run: NAME.eval_full.json
 (clean and PGD-20 on all 10,000), NAME.eval_1000.json (clean, PGD-20, AA-paper on the stratified 1,000) and
 NAME.eval_aa.json (AA-paper and standard AA on the same 1,000), with paired gains over PGD-AT (the later methods: and
-over RoBal-N) and the PGD-20 gain that AA-paper does not confirm on the 1,000.
+over RoBal-N) and the PGD-20 gain that AA-paper does not confirm on the 1,000. The last table sets the 10-step
+AutoAttack of later papers (NAME.eval_aa10step.json, `scripts/study.sh --aa-10step`) beside the official AA of
+NAME.eval_aa.json on the same 1,000 images, for every row that has both.
 
     python scripts/study_tables.py [--results docs/results] [--doc docs/results.md]
 
@@ -23,7 +25,8 @@ import json
 import statistics
 from pathlib import Path
 
-from robal.evaluate.report import autoattack_of, gain_over_baseline, paired_gains, with_se
+from robal.evaluate.checks import paired_noise
+from robal.evaluate.report import autoattack_of, correct, gain_over_baseline, paired_gains, with_se
 
 BASELINE = "pgd_at"
 BEGIN, END = "<!-- STUDY-TABLES BEGIN (scripts/study_tables.py) -->", "<!-- STUDY-TABLES END -->"
@@ -63,6 +66,7 @@ LATER = [
     ("taet", "TAET", None),
     ("classwise_eps", "class-wise eps (RobustLT)", None),
 ]
+ALL_ROWS = [*TABLE_2, *TABLE_1[1:], *LATER]
 SEEDED = [("pgd_at", "PGD-AT"), ("robal_n", "RoBal-N")]
 LABELS = dict(SEEDED)
 SEEDS = (0, 1, 2)
@@ -230,6 +234,46 @@ def issue_size_table(results: Path, rows: list, baselines: tuple[str, ...] = (BA
     return "\n".join(lines)
 
 
+def competition_ranks(values: dict[str, float]) -> dict[str, int]:
+    """1 for the highest value; tied values share the best rank of their group (1, 2, 2, 4)."""
+    return {key: 1 + sum(other > value for other in values.values()) for key, value in values.items()}
+
+
+def aa10step_table(results: Path, rows: list) -> str:
+    """The 10-step AutoAttack (aa-10step) beside the official AA on the same 1,000 images, row by row: how much the
+    10-step version overstates robust accuracy (paired, two SE), the images it leaves standing that AA breaks, the
+    images whose adversarial prediction differs, and each row's rank under either attack among the rows with both;
+    rows without both evaluations are listed after the table."""
+    evaluated, missing = {}, []
+    for row, label, _ in rows:
+        pair = load_optional(results, row, "eval_aa10step"), load_optional(results, row, "eval_aa")
+        if all(pair) and "aa" in pair[1]["attacks"]:
+            evaluated[row] = (label, *pair)
+        else:
+            missing.append(label)
+    acc = {kind: {row: e[i]["attacks"][attack]["accuracy"] for row, e in evaluated.items()}
+           for kind, i, attack in (("ten", 1, "aa-10step"), ("aa", 2, "aa"))}
+    ranks = {kind: competition_ranks(values) for kind, values in acc.items()}
+    header = ["Row", "aa-10step (1,000)", "standard AA (1,000)", "AA-paper (1,000)",
+              "aa-10step - AA, paired (two SE)", "images only AA breaks", "images predicted differently",
+              "rank: AA / aa-10step", "aa-10step seconds"]
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for row, (label, ten, aa) in evaluated.items():
+        if ten["labels"] != aa["labels"]:
+            raise SystemExit(f"{row}: eval_aa10step and eval_aa did not attack the same test images")
+        ten_ok, aa_ok = correct(ten, "aa-10step"), correct(aa, "aa")
+        gain, two_se = 100 * float(ten_ok.mean() - aa_ok.mean()), paired_noise(ten_ok, aa_ok)
+        differ = sum(a != b for a, b in zip(ten["attacks"]["aa-10step"]["predictions"],
+                                            aa["attacks"]["aa"]["predictions"]))
+        cells = [label, with_se(acc["ten"][row], ten["attacks"]["aa-10step"]["std_error"]), fmt(acc["aa"][row]),
+                 fmt(accuracy(aa, "aa-paper")), f"{gain:+.2f} ({two_se:.2f})", str(int((ten_ok & ~aa_ok).sum())),
+                 str(differ), f"{ranks['aa'][row]} / {ranks['ten'][row]}", f"{ten['seconds']['aa-10step']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    if missing:
+        lines.append("\nNot run yet (no `NAME.eval_aa10step.json` beside `NAME.eval_aa.json`): " + ", ".join(missing) + ".")
+    return "\n".join(lines)
+
+
 def render(results: Path) -> str:
     return "\n\n".join([
         "### Table 2 rows (AT frameworks and RoBal)", table(results, TABLE_2),
@@ -238,7 +282,9 @@ def render(results: Path) -> str:
         "### Table 2 rows at issue 9's sizes", issue_size_table(results, TABLE_2),
         "### Table 1 rows at issue 9's sizes", issue_size_table(results, TABLE_1),
         "### Later methods at issue 9's sizes (issue 28), against PGD-AT and RoBal-N",
-        issue_size_table(results, [*TABLE_2[:1], TABLE_2[2], *LATER], baselines=(BASELINE, "robal_n"))])
+        issue_size_table(results, [*TABLE_2[:1], TABLE_2[2], *LATER], baselines=(BASELINE, "robal_n")),
+        "### The 10-step AutoAttack beside the official AA (issue 28), every row on the same 1,000 images",
+        aa10step_table(results, ALL_ROWS)])
 
 
 def replace_block(doc: Path, block: str) -> None:

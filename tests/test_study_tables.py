@@ -222,3 +222,29 @@ def test_pareto_front_and_tail_gains_by_hand(pareto, tmp_path):
     sd = statistics.pstdev(diff)
     assert gain == pytest.approx(100 * mean)
     assert noise == pytest.approx(2 * 100 * sd / len(diff) ** 0.5)
+
+
+def test_aa10step_table_pairs_with_the_official_aa_by_hand(tables, tmp_path):
+    def save(row, kind, correct_of_four, attack, predictions=None):
+        result = evaluation([1, 1, 1, 1], [1, 1, 1, 1], correct_of_four)
+        result["attacks"] = {attack: dict(result["attacks"]["aa-paper"])}
+        if predictions is not None:
+            result["attacks"][attack]["predictions"] = predictions
+        result["seconds"] = {attack: 1234.4}
+        (tmp_path / f"{row}.{kind}.json").write_text(json.dumps(result))
+
+    # PGD-AT: AA breaks images 2-4, the 10-step version image 4 only: +50 points, which ties it with RoBal-N, whose
+    # two attacks break the same image 1 but leave it with different wrong labels (the 10-step one predicts 5)
+    save("pgd_at", "eval_aa", [1, 0, 0, 0], "aa")
+    save("pgd_at", "eval_aa10step", [1, 1, 1, 0], "aa-10step")
+    save("robal_n", "eval_aa", [0, 1, 1, 1], "aa")
+    save("robal_n", "eval_aa10step", [0, 1, 1, 1], "aa-10step", [5 if i % 4 == 0 else y for i, y in enumerate(LABELS)])
+    save("trades", "eval_aa", [1, 1, 1, 1], "aa")   # no 10-step evaluation: listed as not run
+    text = tables.aa10step_table(tmp_path, tables.TABLE_2)
+    noise = 200 * statistics.pstdev([0, 1, 1, 0]) / 40 ** 0.5   # per-image 10-step minus AA: 0, +1, +1, 0
+    assert cells(text, "PGD-AT")[1:] == ["75.00 ± 1.00", "25.00", "—", f"+50.00 ({noise:.2f})", "20", "20",
+                                         "2 / 1", "1234"]
+    assert cells(text, "RoBal-N")[1:] == ["75.00 ± 1.00", "75.00", "—", "+0.00 (0.00)", "0", "10", "1 / 1", "1234"]
+    assert text.endswith("Not run yet (no `NAME.eval_aa10step.json` beside `NAME.eval_aa.json`): TRADES, RoBal-R.")
+    assert tables.competition_ranks({"a": 3.0, "b": 5.0, "c": 5.0, "d": 1.0}) == {"a": 3, "b": 1, "c": 1, "d": 4}
+    assert "### The 10-step AutoAttack beside the official AA" in tables.render(tmp_path)
