@@ -2,7 +2,7 @@
 
 For every row NAME with both NAME.eval_full.json (clean on all 10,000 test images) and NAME.eval_aa.json (standard
 AutoAttack on the fixed stratified 1,000) in docs/results: clean, standard AA, the tail third's standard AA (the
-classes with the fewest training images), whether the row is on the clean-vs-AA Pareto front (no other row has
+third of the classes with the fewest training images: 300 of the 1,000 on CIFAR-10-LT), whether the row is on the clean-vs-AA Pareto front (no other row has
 both higher clean and higher AA accuracy), and its AA gains over PGD-AT on the same 1,000 images (all of them,
 and the tail third's) with two paired standard errors (the noise a claim about the row must beat). Writes a Markdown table and a two-panel plot (clean
 vs AA, clean vs tail-third AA).
@@ -15,25 +15,17 @@ import argparse
 import json
 from pathlib import Path
 
-from study_tables import LATER, TABLE_1, TABLE_2
-
-import numpy as np
+from study_tables import ALL_ROWS
 
 from robal.evaluate.checks import paired_noise, pct
-from robal.evaluate.metrics import class_groups
-from robal.evaluate.report import correct, paired_gains
+from robal.evaluate.report import correct, in_tail_third, paired_gains
 
 BASELINE = "pgd_at"
 
 
 def rows() -> list[tuple[str, str]]:
     """(row, label) of every study row, each once: Table 2, Table 1, the later methods."""
-    seen, out = set(), []
-    for row, label, *_ in [*TABLE_2, *TABLE_1, *LATER]:
-        if row not in seen:
-            seen.add(row)
-            out.append((row, label))
-    return out
+    return [(row, label) for row, label, _ in ALL_ROWS]
 
 
 def load(results: Path, row: str) -> tuple[dict, dict] | None:
@@ -52,17 +44,22 @@ def points(results: Path) -> list[dict]:
         gain, noise = paired_gains(aa, baseline[1])["aa"] if baseline and row != BASELINE else (None, None)
         tail_gain, tail_noise = tail_gain_over(aa, baseline[1]) if baseline and row != BASELINE else (None, None)
         out.append({"row": row, "label": label, "clean": full["attacks"]["clean"]["accuracy"],
-                    "aa": aa["attacks"]["aa"]["accuracy"], "tail_aa": aa["attacks"]["aa"]["groups"]["few"],
+                    "aa": aa["attacks"]["aa"]["accuracy"], "tail_aa": tail_accuracy(aa),
                     "gain": gain, "noise": noise, "tail_gain": tail_gain, "tail_noise": tail_noise})
     return out
 
 
+def tail_accuracy(result: dict, attack: str = "aa") -> float:
+    """Accuracy under `attack` on the test images of the tail third of the classes."""
+    return pct(correct(result, attack)[in_tail_third(result)])
+
+
 def tail_gain_over(result: dict, baseline: dict, attack: str = "aa") -> tuple[float, float]:
     """The tail third's accuracy gain over the baseline under `attack`, and two paired standard errors, on the
-    test images of the tail classes (`few`: the third of the classes with the fewest training images)."""
+    test images of the tail third of the classes (the fewest training images)."""
     if result["labels"] != baseline["labels"]:
         raise ValueError("the two evaluations did not attack the same test images (labels differ)")
-    tail = np.isin(result["labels"], class_groups(result["class_counts"])[0]["few"])
+    tail = in_tail_third(result)
     a, b = correct(result, attack)[tail], correct(baseline, attack)[tail]
     return pct(a) - pct(b), paired_noise(a, b)
 

@@ -18,7 +18,9 @@ from torch import nn
 import robal
 from robal.attacks import EVAL_ATTACKS, cw_loss, fgsm, kl_loss, pgd
 from robal.config import load_config
-from robal.evaluate.metrics import attack_metrics, class_groups, standard_error, strongest
+from robal.data.longtail import long_tailed_counts
+from robal.evaluate.metrics import attack_metrics, class_groups, class_thirds, standard_error, strongest
+from robal.evaluate.report import in_tail_third
 from robal.losses import LOSSES
 from robal.models import build_model
 from robal.models.heads import HEADS
@@ -548,6 +550,17 @@ def test_groups_fall_back_to_thirds_by_training_count():
     order = sorted(range(10), key=lambda c: -counts[c])  # 400 90 70 60 50 40 30 20 10 5
     assert groups == {"many": sorted(order[:3]), "medium": sorted(order[3:7]), "few": sorted(order[7:])}
     assert rule.startswith("thirds")
+
+
+def test_tail_third_is_three_classes_whatever_the_bands():
+    """The tail third (Pareto plot, ratio sweep) is the three rarest of ten classes at every imbalance ratio, where
+    the `few` band holds two classes at rho 50 and none at rho 10."""
+    assert class_thirds(CIFAR10_LT_50) == [[0, 1, 2], [3, 4, 5, 6], [7, 8, 9]]
+    rho10 = long_tailed_counts(5000, 10, 10)
+    assert min(rho10) == 500 and class_groups(rho10)[1].startswith("thirds")
+    assert class_thirds(rho10)[2] == [7, 8, 9]
+    result = {"labels": [9, 8, 7, 6, 0, 9], "class_counts": [5, 3, 4, 9, 8, 7, 6, 1, 2, 0]}  # rarest: 9, 7, 8
+    assert in_tail_third(result).tolist() == [True, True, True, False, False, True]
 
 
 def test_metrics_by_hand_on_cifar10_lt_groups():

@@ -223,6 +223,14 @@ def test_pareto_front_and_tail_gains_by_hand(pareto, tmp_path):
     assert gain == pytest.approx(100 * mean)
     assert noise == pytest.approx(2 * 100 * sd / len(diff) ** 0.5)
 
+    # CIFAR-10-LT rho 50: the evaluation's `few` band (< 200 training images) holds two classes, the tail third three
+    rho50 = [5000, 3237, 2096, 1357, 878, 568, 368, 238, 154, 100]
+    labels = list(range(10)) * 4
+    right = [y in (7, 9) or (y == 8 and i < 10) for i, y in enumerate(labels)]  # class 8: one of its four images
+    run = {"labels": labels, "class_counts": rho50,
+           "attacks": {"aa": {"predictions": [y if r else (y + 1) % 10 for y, r in zip(labels, right)]}}}
+    assert pareto.tail_accuracy(run) == pytest.approx(100 * 9 / 12)   # classes 7, 8, 9: 4 + 1 + 4 of 12 images
+
 
 def test_aa10step_table_pairs_with_the_official_aa_by_hand(tables, tmp_path):
     def save(row, kind, correct_of_four, attack, predictions=None):

@@ -21,10 +21,14 @@ def class_groups(class_counts: list[int]) -> tuple[dict[str, list[int]], str]:
     groups = {g: [c for c, n in enumerate(class_counts) if in_band(n)] for g, in_band in BANDS.items()}
     if all(groups.values()):
         return groups, "bands: many > 1000, medium 200-1000, few < 200 training images"
+    return dict(zip(BANDS, class_thirds(class_counts))), "thirds of the classes by training images"
+
+
+def class_thirds(class_counts: list[int]) -> list[list[int]]:
+    """The head, middle and tail thirds of the classes by training images (the tail third: the fewest)."""
     order = list(np.argsort(class_counts, kind="stable")[::-1])
     k = len(order)
-    thirds = [sorted(int(c) for c in order[round(i * k / 3):round((i + 1) * k / 3)]) for i in range(3)]
-    return dict(zip(BANDS, thirds)), "thirds of the classes by training images"
+    return [sorted(int(c) for c in order[round(i * k / 3):round((i + 1) * k / 3)]) for i in range(3)]
 
 
 GRADIENT_ATTACKS = ("fgsm", "pgd20", "mim", "cw")

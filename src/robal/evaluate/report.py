@@ -13,7 +13,7 @@ import yaml
 
 from .attacks import AA_VERSIONS, is_autoattack
 from .checks import FAKE_GAIN, grade, paired_noise, pct
-from .metrics import head_to_tail, strongest
+from .metrics import class_thirds, head_to_tail, strongest
 from .plots import report_plot, write_eval_plots
 from .settings import check_output_file
 
@@ -161,6 +161,12 @@ def report_row(path: Path, result: dict) -> dict:
 
 def correct(result: dict, attack: str) -> np.ndarray:
     return np.asarray(result["attacks"][attack]["predictions"]) == np.asarray(result["labels"])
+
+
+def in_tail_third(result: dict) -> np.ndarray:
+    """Which test images belong to the tail third of the classes (the fewest training images), whatever the
+    group rule of the evaluation's `groups` (at CIFAR-10-LT rho 50 its `few` band holds two classes, not three)."""
+    return np.isin(result["labels"], class_thirds(result["class_counts"])[2])
 
 
 def paired_gains(result: dict, baseline: dict) -> dict[str, tuple[float, float]]:
