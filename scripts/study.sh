@@ -2,7 +2,9 @@
 # Every row of the study (CIFAR-10-LT rho 50; the CPU reference setting of DESIGN.md section 3), resumable:
 #   - train the run if runs/cifar10_lt/NAME/model.pt is missing (post-hoc rows: `robal adjust` of the PGD-AT run;
 #     fine-tune rows start from it, so pgd_at comes first), or copy docs/results/models/NAME.pt, the weights
-#     an earlier session committed, when it exists; a row NAME_seedN is NAME.yaml trained with --set seed=N,
+#     an earlier session committed, when it exists; a row NAME_seedN is NAME.yaml trained with --set seed=N;
+#     a row it trains gets its weights and training log copied to docs/results/models/NAME.pt and
+#     docs/results/NAME.train_log.jsonl, to be committed with its JSONs,
 #   - evaluate, each evaluation skipped when its JSON exists, and copy the JSONs to docs/results/NAME.KIND.json:
 #       full protocol (default), the sizes of issue 9:
 #         eval_full: clean + PGD-20 on all 10,000 test images
@@ -11,13 +13,16 @@
 #         eval_1000: clean, PGD-20 and AA-paper on the stratified 1,000-image subset, no reliability checks
 #       --aa-10step, the 10-step AutoAttack of later papers beside the official AA (issue 28):
 #         eval_aa10step: aa-10step on the fixed stratified 1,000-image subset, no reliability checks
+#       --sweep-sizes, the imbalance-ratio sweep's sizes (issue 28 item 2; scripts/ratio_sweep.sh):
+#         eval_full and eval_1000 as above (no standard AA)
 #       --cpu-protocol, what a 2-core session affords (about 5 minutes per row at one thread):
 #         eval_clean_10k: clean on all 10,000 test images
 #         eval_300:       clean, PGD-20, AA-paper and the reliability checks on the stratified 300-image subset
 #   - one `robal report` table per evaluation kind: docs/results/study_KIND.md.
 # Results that exist are skipped, so the script can be stopped and started again.
 #
-#   scripts/study.sh [--dry-run] [--cpu-protocol | --subset-1000 | --aa-10step] [--configs DIR] [NAME ...]
+#   scripts/study.sh [--dry-run] [--cpu-protocol | --subset-1000 | --aa-10step | --sweep-sizes] [--configs DIR]
+#                    [NAME ...]
 #   (default: every row, full protocol; --dry-run: print the commands only)
 #   --configs DIR: the rows of another config folder under configs/cifar10_lt, e.g. the full-scale GPU rows
 #   configs/cifar10_lt/full (WRN-34-10) or configs/cifar10_lt/full/resnet18; runs go to runs/cifar10_lt/REST and
@@ -40,8 +45,9 @@ while [ $# -gt 0 ]; do
     --cpu-protocol) PROTOCOL=cpu ;;
     --subset-1000) PROTOCOL=subset ;;
     --aa-10step) PROTOCOL=aa10step ;;
+    --sweep-sizes) PROTOCOL=sweep ;;
     --configs) CONFIGS=${2:?study.sh: --configs needs a folder}; CONFIGS=${CONFIGS%/}; shift ;;
-    -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,34p' "$0"; exit 0 ;;
     *) ROWS+=("$1") ;;
   esac
   shift
@@ -73,6 +79,12 @@ for f in "$CONFIGS"/finetune_*.yaml "$CONFIGS"/posthoc/*.yaml; do
 done
 if [ ${#ROWS[@]} -eq 0 ]; then ROWS=("${ALL_ROWS[@]}"); fi
 
+keep_weights() {  # copy the weights and training log of the run row $1 just trained next to its JSONs
+  run mkdir -p "$RESULTS/models"
+  run cp "$RUNS/$1/model.pt" "$RESULTS/models/$1.pt"
+  run cp "$RUNS/$1/log.jsonl" "$RESULTS/$1.train_log.jsonl"
+}
+
 produce() {  # train (or adjust) the run of row $1 if its model is missing
   local name=$1 out=$RUNS/$1
   case "$name" in   # these rows start from the PGD-AT run
@@ -86,9 +98,11 @@ produce() {  # train (or adjust) the run of row $1 if its model is missing
     run cp "$RESULTS/models/$name.pt" "$out/model.pt"
   elif [ -f "$CONFIGS/$name.yaml" ]; then
     run "$ROBAL" train "$CONFIGS/$name.yaml" --out "$out" --resume auto --quiet
+    keep_weights "$name"
   elif [[ "$name" =~ ^(.+)_seed([0-9]+)$ ]] && [ -f "$CONFIGS/${BASH_REMATCH[1]}.yaml" ]; then
     run "$ROBAL" train "$CONFIGS/${BASH_REMATCH[1]}.yaml" --set "seed=${BASH_REMATCH[2]}" --out "$out" \
       --resume auto --quiet
+    keep_weights "$name"
   elif [ -f "$CONFIGS/posthoc/$name.yaml" ]; then
     run "$ROBAL" adjust "$RUNS/pgd_at" --inference-file "$CONFIGS/posthoc/$name.yaml" --out "$out/model.pt"
   else
@@ -102,6 +116,7 @@ case "$PROTOCOL" in
   subset) KINDS=(eval_1000) ;;
   cpu) KINDS=(eval_clean_10k eval_300) ;;
   aa10step) KINDS=(eval_aa10step) ;;
+  sweep) KINDS=(eval_full eval_1000) ;;
 esac
 
 eval_args() {  # the `robal eval` arguments of evaluation kind $1

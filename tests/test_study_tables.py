@@ -256,3 +256,49 @@ def test_aa10step_table_pairs_with_the_official_aa_by_hand(tables, tmp_path):
     assert text.endswith("Not run yet (no `NAME.eval_aa10step.json` beside `NAME.eval_aa.json`): TRADES, RoBal-R.")
     assert tables.competition_ranks({"a": 3.0, "b": 5.0, "c": 5.0, "d": 1.0}) == {"a": 3, "b": 1, "c": 1, "d": 4}
     assert "### The 10-step AutoAttack beside the official AA" in tables.render(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def sweep():
+    spec = importlib.util.spec_from_file_location("ratio_sweep_report", SCRIPT.parent / "ratio_sweep_report.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ratio_sweep_report_reads_the_study_rows_at_50_and_pairs_robal_with_pgd_at(sweep, tmp_path):
+    """Ratio 50 comes from the study's own rows, the others from ratio_sweep/; the tail third is classes 7-9 at every
+    ratio; RoBal-N's gains over PGD-AT are paired on the same images; missing rows say so; the plot is written."""
+    labels = list(range(10)) * 2
+    rho10, rho50 = [5000, 3871, 2997, 2320, 1796, 1391, 1077, 834, 645, 500], \
+        [5000, 3237, 2096, 1357, 878, 568, 368, 238, 154, 100]
+
+    def evaluation(counts, right):  # right: the classes classified correctly, under every attack
+        preds = [y if y in right else (y + 1) % 10 for y in labels]
+        attack = {"accuracy": 100 * sum(y in right for y in labels) / 20, "std_error": 1.0, "predictions": preds}
+        return {"labels": labels, "class_counts": counts,
+                "attacks": {"clean": attack, "pgd20": attack, "aa-paper": attack}}
+
+    (tmp_path / "ratio_sweep").mkdir()
+    for path, counts, right in [("pgd_at", rho50, {0, 1, 2}), ("robal_n", rho50, {0, 1, 8, 9}),
+                                ("ratio_sweep/pgd_at_r10", rho10, {0, 1, 2, 3, 7})]:
+        for kind in ("eval_full", "eval_1000"):
+            (tmp_path / f"{path}.{kind}.json").write_text(json.dumps(evaluation(counts, right)))
+    (tmp_path / "ratio_sweep/robal_n_r10.eval_full.json").write_text("{}")  # no eval_1000 yet: not run
+    sweep.main(["--results", str(tmp_path), "--out", str(tmp_path / "sweep")])
+    text = (tmp_path / "sweep.md").read_text()
+    rows = {tuple(c.strip() for c in ln.strip("|").split("|")[:2]): [c.strip() for c in ln.strip("|").split("|")[2:]]
+            for ln in text.splitlines()[2:]}
+    # PGD-AT at 10: classes 0-3 and 7 right (50%); its tail third (7, 8, 9) 1 of 3 classes; SE sqrt(p(1-p)/6)
+    assert rows[("10", "PGD-AT")][:5] == [f"{sum(rho10):,}", "50.00 ± 1.00", "50.00 ± 1.00", "50.00 ± 1.00",
+                                          f"33.33 ± {100 * (1 / 3 * 2 / 3 / 6) ** 0.5:.2f}"]
+    assert rows[("10", "RoBal-N")][0] == "not run yet" and rows[("100", "PGD-AT")][0] == "not run yet"
+    # at 50: RoBal-N right on 0, 1, 8, 9, PGD-AT on 0, 1, 2 -> per-image differences -1 (class 2), +1 (8, 9), 0 else
+    diff = [(-1 if y == 2 else 1 if y in (8, 9) else 0) for y in labels]
+    noise = 200 * statistics.pstdev(diff) / 20 ** 0.5
+    tail_diff = [1 if y in (8, 9) else 0 for y in labels if y >= 7]
+    tail_noise = 200 * statistics.pstdev(tail_diff) / 6 ** 0.5
+    assert rows[("50", "RoBal-N")][4] == f"66.67 ± {100 * (2 / 3 / 3 / 6) ** 0.5:.2f}"
+    assert rows[("50", "RoBal-N")][5] == " / ".join([f"+10.00 ({noise:.2f})"] * 3) + f" / +66.67 ({tail_noise:.2f})"
+    assert rows[("50", "PGD-AT")][5] == ""
+    assert (tmp_path / "sweep.png").stat().st_size > 10_000
