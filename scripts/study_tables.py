@@ -10,7 +10,8 @@ Then three tables hold the Table 2 rows, the Table 1 rows and the later methods 
 issue 9's sizes, where they were run: NAME.eval_full.json
 (clean and PGD-20 on all 10,000), NAME.eval_1000.json (clean, PGD-20, AA-paper on the stratified 1,000) and
 NAME.eval_aa.json (AA-paper and standard AA on the same 1,000), with paired gains over PGD-AT (the later methods: and
-over RoBal-N) and the PGD-20 gain that AA-paper does not confirm on the 1,000. The last table sets the 10-step
+over RoBal-N) and the PGD-20 gain that AA-paper does not confirm on the 1,000; then the 80-epoch rows beside the
+20-epoch ones, paired with PGD-AT of 20 and of 80 epochs. The last table sets the 10-step
 AutoAttack of later papers (NAME.eval_aa10step.json, `scripts/study.sh --aa-10step`) beside the official AA of
 NAME.eval_aa.json on the same 1,000 images, for every row that has both.
 
@@ -66,9 +67,14 @@ LATER = [
     ("taet", "TAET", None),
     ("classwise_eps", "class-wise eps (RobustLT)", None),
 ]
-ALL_ROWS = [*TABLE_2, *TABLE_1[1:], *LATER]
+# the paper's 80-epoch schedule at CPU width (issue 28 item 4), each held against its 20-epoch row and PGD-AT's
+E80 = [
+    ("pgd_at_e80", "PGD-AT, 80 epochs", None),
+    ("robal_n_e80", "RoBal-N, 80 epochs", None),
+]
+ALL_ROWS = [*TABLE_2, *TABLE_1[1:], *LATER, *E80]
 SEEDED = [("pgd_at", "PGD-AT"), ("robal_n", "RoBal-N")]
-LABELS = dict(SEEDED)
+LABELS = {**dict(SEEDED), **{row: label for row, label, _ in E80}}
 SEEDS = (0, 1, 2)
 
 
@@ -283,6 +289,8 @@ def render(results: Path) -> str:
         "### Table 1 rows at issue 9's sizes", issue_size_table(results, TABLE_1),
         "### Later methods at issue 9's sizes (issue 28), against PGD-AT and RoBal-N",
         issue_size_table(results, [*TABLE_2[:1], TABLE_2[2], *LATER], baselines=(BASELINE, "robal_n")),
+        "### The paper's schedule at CPU width (issue 28): 80 epochs against 20, paired with PGD-AT of each length",
+        issue_size_table(results, [*TABLE_2[:1], TABLE_2[2], *E80], baselines=(BASELINE, "pgd_at_e80")),
         "### The 10-step AutoAttack beside the official AA (issue 28), every row on the same 1,000 images",
         aa10step_table(results, ALL_ROWS)])
 

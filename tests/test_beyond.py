@@ -499,3 +499,15 @@ def test_study_configs_folder_keeps_its_runs_and_results_apart(tmp_path):
                         ("configs/cifar10_lt/gpu", "no such folder")):
         refused = study("--configs", folder, "pgd_at")
         assert refused.returncode == 2 and f"--configs {folder}: {why}" in refused.stderr
+
+
+def test_e80_rows_differ_from_their_20_epoch_rows_only_in_the_schedule():
+    """Issue 28 item 4: the paper's 80 epochs (lr x0.1 at 60 and 75) at CPU width, nothing else changed."""
+    for method in ("pgd_at", "robal_n"):
+        cfg = load_config(CONFIGS / f"cifar10_lt/{method}_e80.yaml", validate_files=False).to_dict()
+        base = load_config(CONFIGS / f"cifar10_lt/{method}.yaml", validate_files=False).to_dict()
+        assert (cfg["train"].pop("epochs"), cfg["train"].pop("lr_milestones")) == (80, [60, 75])
+        assert (base["train"].pop("epochs"), base["train"].pop("lr_milestones")) == (20, [15, 18])
+        assert cfg.pop("name") == f"cifar10_lt_{method}_e80"
+        base.pop("name")
+        assert cfg == base
