@@ -57,7 +57,7 @@ def test_unknown_config_names_where_it_looked(tmp_path, monkeypatch):
         resolve_config("cifar10_lt/robal_x")
     msg = str(err.value)
     assert str(tmp_path / "cifar10_lt" / "robal_x") in msg and str(PACKAGED_CONFIGS) in msg
-    assert "did you mean 'cifar10_lt/robal_" in msg and "robal_n, robal_r" in msg
+    assert "did you mean 'cifar10_lt/robal_" in msg and "robal_n, robal_n_e80, robal_r, taet" in msg
     with pytest.raises(ConfigError, match="packaged config folders: .*digits_lt/"):
         resolve_config("nothing/here")
 
