@@ -17,8 +17,7 @@ from pathlib import Path
 
 from study_tables import ALL_ROWS
 
-from robal.evaluate.checks import paired_noise, pct
-from robal.evaluate.report import correct, in_tail_third, paired_gains
+from robal.evaluate.report import paired_gains, tail_third_accuracy, tail_third_gain
 
 BASELINE = "pgd_at"
 
@@ -42,26 +41,11 @@ def points(results: Path) -> list[dict]:
             continue
         full, aa = loaded
         gain, noise = paired_gains(aa, baseline[1])["aa"] if baseline and row != BASELINE else (None, None)
-        tail_gain, tail_noise = tail_gain_over(aa, baseline[1]) if baseline and row != BASELINE else (None, None)
+        tail_gain, tail_noise = tail_third_gain(aa, baseline[1], "aa") if baseline and row != BASELINE else (None, None)
         out.append({"row": row, "label": label, "clean": full["attacks"]["clean"]["accuracy"],
-                    "aa": aa["attacks"]["aa"]["accuracy"], "tail_aa": tail_accuracy(aa),
+                    "aa": aa["attacks"]["aa"]["accuracy"], "tail_aa": tail_third_accuracy(aa, "aa"),
                     "gain": gain, "noise": noise, "tail_gain": tail_gain, "tail_noise": tail_noise})
     return out
-
-
-def tail_accuracy(result: dict, attack: str = "aa") -> float:
-    """Accuracy under `attack` on the test images of the tail third of the classes."""
-    return pct(correct(result, attack)[in_tail_third(result)])
-
-
-def tail_gain_over(result: dict, baseline: dict, attack: str = "aa") -> tuple[float, float]:
-    """The tail third's accuracy gain over the baseline under `attack`, and two paired standard errors, on the
-    test images of the tail third of the classes (the fewest training images)."""
-    if result["labels"] != baseline["labels"]:
-        raise ValueError("the two evaluations did not attack the same test images (labels differ)")
-    tail = in_tail_third(result)
-    a, b = correct(result, attack)[tail], correct(baseline, attack)[tail]
-    return pct(a) - pct(b), paired_noise(a, b)
 
 
 def pareto_front(pts: list[dict], y: str) -> set[str]:

@@ -15,8 +15,8 @@ import argparse
 import json
 from pathlib import Path
 
-from robal.evaluate.checks import paired_noise, pct
-from robal.evaluate.report import correct, in_tail_third, paired_gains
+from robal.evaluate.metrics import standard_error
+from robal.evaluate.report import in_tail_third, paired_gains, tail_third_accuracy, tail_third_gain
 
 RATIOS = (10, 20, 50, 100)
 METHODS = (("pgd_at", "PGD-AT"), ("robal_n", "RoBal-N"))
@@ -39,18 +39,6 @@ def load(results: Path, method: str, ratio: int) -> dict[str, dict] | None:
     return {kind: json.loads(p.read_text()) for kind, p in paths.items()}
 
 
-def tail_third(result: dict, attack: str) -> tuple[float, float]:
-    """Accuracy on the tail third's test images under `attack`, and its standard error."""
-    ok = correct(result, attack)[in_tail_third(result)]
-    return pct(ok), 100 * float(ok.std() / len(ok) ** 0.5)
-
-
-def tail_gain(result: dict, baseline: dict, attack: str) -> tuple[float, float]:
-    tail = in_tail_third(result)
-    a, b = correct(result, attack)[tail], correct(baseline, attack)[tail]
-    return pct(a) - pct(b), paired_noise(a, b)
-
-
 def points(results: Path) -> dict[tuple[str, int], dict]:
     """(method, ratio) -> accuracies with standard errors, training images, and RoBal-N's paired gains."""
     loaded = {(m, r): load(results, m, r) for m, _ in METHODS for r in RATIOS}
@@ -62,11 +50,12 @@ def points(results: Path) -> dict[tuple[str, int], dict]:
         for _, kind, attack in COLUMNS:
             a = evals[kind]["attacks"][attack]
             point[attack] = (a["accuracy"], a["std_error"])
-        point["tail"] = tail_third(evals["eval_1000"], "aa-paper")
+        tail = tail_third_accuracy(evals["eval_1000"], "aa-paper")
+        point["tail"] = (tail, standard_error(tail, int(in_tail_third(evals["eval_1000"]).sum())))
         base = loaded[(METHODS[0][0], ratio)]
         if method != METHODS[0][0] and base is not None:
             point["gains"] = [paired_gains(evals[kind], base[kind])[attack] for _, kind, attack in COLUMNS]
-            point["gains"].append(tail_gain(evals["eval_1000"], base["eval_1000"], "aa-paper"))
+            point["gains"].append(tail_third_gain(evals["eval_1000"], base["eval_1000"], "aa-paper"))
         out[(method, ratio)] = point
     return out
 

@@ -19,7 +19,8 @@ from robal.cli import main
 from robal.evaluate import resume
 from robal.evaluate.attacks import (AA_VERSIONS, autoattack_settings, build_autoattack, is_known_attack,
                                     settings_summary)
-from robal.evaluate.leaderboard import leaderboard, tail_third
+from robal.evaluate.leaderboard import leaderboard
+from robal.evaluate.metrics import class_thirds
 from robal.evaluate.metrics import attack_metrics
 from robal.evaluate.runner import evaluate_model, to_images
 
@@ -353,7 +354,7 @@ def test_leaderboard(tmp_path, capsys):
     b = fake_eval(tmp_path / "strong.eval.json", "strong", 0.9,
                   {"aa-10step": [9, 8, 8, 7, 6, 6], "aa": [9, 8, 7, 7, 6, 5], "aa-paper": [9, 8, 8, 7, 6, 5]}, counts)
     c = fake_eval(tmp_path / "noaa.eval.json", "noaa", 0.7, {"pgd20": [5] * 6}, counts)
-    assert tail_third(counts) == [4, 5] and tail_third([10, 1, 5]) == [1]
+    assert class_thirds(counts)[2] == [4, 5] and class_thirds([10, 1, 5])[2] == [1]
     board = leaderboard([a, c, b])
     rows = board["rows"]
     assert [r["model"] for r in rows] == ["strong", "weak", "noaa"]

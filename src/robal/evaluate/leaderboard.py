@@ -16,13 +16,8 @@ import numpy as np
 import yaml
 
 from .attacks import aa_version, settings_summary
+from .metrics import class_thirds
 from .report import DASH, autoattack_of, f2, md_table, method_name, read_eval, with_se
-
-
-def tail_third(class_counts: list[int]) -> list[int]:
-    """The third of the classes with the fewest training images (the `thirds` split of metrics.class_groups)."""
-    order = list(np.argsort(class_counts, kind="stable")[::-1])
-    return sorted(int(c) for c in order[round(2 * len(order) / 3):])
 
 
 def eps_label(eps: float) -> str:
@@ -78,7 +73,7 @@ def leaderboard_row(path: Path, result: dict) -> dict:
                worst_class={"class": worst, "name": names[worst], "accuracy": m["worst_class"]["accuracy"]})
     counts = result.get("class_counts")
     if counts and len(counts) == len(m["per_class"]):
-        tail = tail_third(counts)
+        tail = class_thirds(counts)[2]
         row.update(tail_classes=tail, tail_third=float(np.nanmean([m["per_class"][c] for c in tail])))
     return row
 

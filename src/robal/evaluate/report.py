@@ -169,6 +169,21 @@ def in_tail_third(result: dict) -> np.ndarray:
     return np.isin(result["labels"], class_thirds(result["class_counts"])[2])
 
 
+def tail_third_accuracy(result: dict, attack: str) -> float:
+    """Accuracy under `attack` on the test images of the tail third of the classes."""
+    return pct(correct(result, attack)[in_tail_third(result)])
+
+
+def tail_third_gain(result: dict, baseline: dict, attack: str) -> tuple[float, float]:
+    """The tail third's accuracy gain over the baseline under `attack` on the same images, and two paired standard
+    errors (the tail classes' images only)."""
+    if result["labels"] != baseline["labels"]:
+        raise ValueError("the two evaluations did not attack the same test images (labels differ)")
+    tail = in_tail_third(result)
+    a, b = correct(result, attack)[tail], correct(baseline, attack)[tail]
+    return pct(a) - pct(b), paired_noise(a, b)
+
+
 def paired_gains(result: dict, baseline: dict) -> dict[str, tuple[float, float]]:
     """attack -> (the run's accuracy minus the baseline's, two standard errors of that difference) for every attack
     both evaluations ran on the same test images (per-image correctness, so the shared images cancel)."""
