@@ -312,11 +312,12 @@ def test_two_batch_training_run(path, tiny_pgd_at, tmp_path):
         assert any(not torch.equal(after[n], before.get(n, torch.ones_like(after[n]))) for n in expected)
 
 
-@pytest.mark.parametrize("config, reestimated", [("finetune_rs", True), ("finetune_crt", False)])
-def test_finetune_backbone_batchnorm_statistics(tiny_pgd_at, tmp_path, config, reestimated):
-    """RS re-estimates the frozen backbone's BatchNorm statistics, as the reference (its rerun); cRT still pins
-    `frozen_bn: true`, as its committed row was trained. The backbone's weights never change."""
-    cfg = load_config(CONFIGS / f"cifar10_lt/{config}.yaml", DIGITS + [f"train.init_from={tiny_pgd_at}"])
+@pytest.mark.parametrize("config, overrides, reestimated", [("finetune_rs", [], True), ("finetune_crt", [], True),
+                                                             ("finetune_crt", ["train.frozen_bn=true"], False)])
+def test_finetune_backbone_batchnorm_statistics(tiny_pgd_at, tmp_path, config, overrides, reestimated):
+    """The committed fine-tunes re-estimate the frozen backbone's BatchNorm statistics, as the reference;
+    `train.frozen_bn: true` holds them. The backbone's weights never change."""
+    cfg = load_config(CONFIGS / f"cifar10_lt/{config}.yaml", DIGITS + [f"train.init_from={tiny_pgd_at}"] + overrides)
     assert cfg.train.frozen_bn is not reestimated
     train(cfg, tmp_path / "run", progress=False)
     before, after = _state(tiny_pgd_at), _state(tmp_path / "run/model.pt")
