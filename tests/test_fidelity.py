@@ -217,6 +217,15 @@ def test_focal_prior_bias_is_the_log_odds_of_each_class_prior():
         HEADS.build("linear", {"bias_init": "focal"}, in_features=5, num_classes=4, class_counts=counts)
 
 
+@pytest.mark.parametrize("row", ["focal", "cb_reweight"])
+def test_focal_rows_rerun_with_the_prior_bias_and_only_that_change(row):
+    committed = load_config(ROOT / f"configs/cifar10_lt/{row}.yaml", validate_files=False)
+    rerun = load_config(ROOT / f"configs/cifar10_lt/rerun/{row}.yaml", validate_files=False)
+    assert committed.model.head_args == {}  # the committed row's weights were trained this way
+    assert rerun.model.head_args == {"bias_init": "prior"}
+    assert rerun.name == committed.name and rerun.train == committed.train and rerun.data == committed.data
+
+
 def test_lws_scales_the_fc_logits_without_the_bias_and_older_checkpoints_keep_theirs():
     import numpy as np
     import torch
