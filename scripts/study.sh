@@ -20,9 +20,13 @@
 #         eval_300:       clean, PGD-20, AA-paper and the reliability checks on the stratified 300-image subset
 #   - one `robal report` table per evaluation kind: docs/results/study_KIND.md.
 # Results that exist are skipped, so the script can be stopped and started again.
+# A training longer than a sitting: `--save-progress NAME` copies its newest epoch checkpoint, config and log to
+# docs/results/progress/NAME, to be committed, since runs/ does not outlive a checkout; a later sitting's
+# study.sh puts them back into the empty run directory and resumes from them (bit-exact). The folder goes when the
+# row's training ends.
 #
-#   scripts/study.sh [--dry-run] [--cpu-protocol | --subset-1000 | --aa-10step | --sweep-sizes] [--configs DIR]
-#                    [NAME ...]
+#   scripts/study.sh [--dry-run] [--cpu-protocol | --subset-1000 | --aa-10step | --sweep-sizes | --save-progress]
+#                    [--configs DIR] [NAME ...]
 #   (default: every row, full protocol; --dry-run: print the commands only)
 #   --configs DIR: the rows of another config folder under configs/cifar10_lt, e.g. the full-scale GPU rows
 #   configs/cifar10_lt/full (WRN-34-10) or configs/cifar10_lt/full/resnet18; runs go to runs/cifar10_lt/REST and
@@ -46,8 +50,9 @@ while [ $# -gt 0 ]; do
     --subset-1000) PROTOCOL=subset ;;
     --aa-10step) PROTOCOL=aa10step ;;
     --sweep-sizes) PROTOCOL=sweep ;;
+    --save-progress) PROTOCOL=progress ;;
     --configs) CONFIGS=${2:?study.sh: --configs needs a folder}; CONFIGS=${CONFIGS%/}; shift ;;
-    -h|--help) sed -n '2,34p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,39p' "$0"; exit 0 ;;
     *) ROWS+=("$1") ;;
   esac
   shift
@@ -83,6 +88,26 @@ keep_weights() {  # copy the weights and training log of the run row $1 just tra
   run mkdir -p "$RESULTS/models"
   run cp "$RUNS/$1/model.pt" "$RESULTS/models/$1.pt"
   run cp "$RUNS/$1/log.jsonl" "$RESULTS/$1.train_log.jsonl"
+  if [ -d "$RESULTS/progress/$1" ]; then run rm -r "$RESULTS/progress/$1"; fi   # its unfinished state, now done
+}
+
+save_progress() {  # the newest epoch checkpoint, config and log of row $1's unfinished training, to commit
+  local out=$RUNS/$1 keep=$RESULTS/progress/$1 newest="" f
+  if [ -d "$out" ]; then newest=$(find "$out" -maxdepth 1 -name 'epoch_*.pt' | sort | tail -n 1); fi
+  if [ -f "$out/model.pt" ] || [ -z "$newest" ]; then echo "= no unfinished training in $out"; return 0; fi
+  run mkdir -p "$keep"
+  run cp "$out/config.yaml" "$out/log.jsonl" "$newest" "$keep/"
+  for f in "$keep"/epoch_*.pt; do   # the older epochs the folder held
+    if [ -f "$f" ] && [ "$(basename "$f")" != "$(basename "$newest")" ]; then run rm "$f"; fi
+  done
+}
+
+restore_progress() {  # a committed unfinished training of row $1 into its empty run directory, for --resume auto
+  local out=$RUNS/$1 keep=$RESULTS/progress/$1
+  if [ ! -f "$out/config.yaml" ] && [ -d "$keep" ]; then
+    run mkdir -p "$out"
+    run cp "$keep"/config.yaml "$keep"/log.jsonl "$keep"/epoch_*.pt "$out/"
+  fi
 }
 
 produce() {  # train (or adjust) the run of row $1 if its model is missing
@@ -97,9 +122,11 @@ produce() {  # train (or adjust) the run of row $1 if its model is missing
     run mkdir -p "$out"
     run cp "$RESULTS/models/$name.pt" "$out/model.pt"
   elif [ -f "$CONFIGS/$name.yaml" ]; then
+    restore_progress "$name"
     run "$ROBAL" train "$CONFIGS/$name.yaml" --out "$out" --resume auto --quiet
     keep_weights "$name"
   elif [[ "$name" =~ ^(.+)_seed([0-9]+)$ ]] && [ -f "$CONFIGS/${BASH_REMATCH[1]}.yaml" ]; then
+    restore_progress "$name"
     run "$ROBAL" train "$CONFIGS/${BASH_REMATCH[1]}.yaml" --set "seed=${BASH_REMATCH[2]}" --out "$out" \
       --resume auto --quiet
     keep_weights "$name"
@@ -150,6 +177,11 @@ needs_run() {  # 0 when row $1 lacks an evaluation JSON in docs/results
   for kind in "${KINDS[@]}"; do [ -f "$RESULTS/$1.$kind.json" ] || return 0; done
   return 1
 }
+
+if [ "$PROTOCOL" = progress ]; then
+  for name in "${ROWS[@]}"; do save_progress "$name"; done
+  exit 0
+fi
 
 for name in "${ROWS[@]}"; do
   echo "== $name"

@@ -429,6 +429,40 @@ def test_study_reuses_committed_weights(tmp_path):
     assert "+ robal train configs/cifar10_lt/fresh.yaml --out runs/cifar10_lt/fresh" in out
 
 
+def test_study_keeps_an_unfinished_training_for_the_next_checkout(tmp_path):
+    """--save-progress copies the newest epoch checkpoint with config and log to docs/results/progress/NAME
+    (replacing the older one there); a checkout without runs/ copies them back before `robal train --resume auto`;
+    the row's end of training removes the folder."""
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(ROOT / "scripts/study.sh", tmp_path / "scripts/study.sh")
+    (tmp_path / "configs/cifar10_lt").mkdir(parents=True)
+    (tmp_path / "configs/cifar10_lt/long.yaml").write_text("base: pgd_at.yaml\n")
+    run = tmp_path / "runs/cifar10_lt/long"
+    run.mkdir(parents=True)
+    for name in ("config.yaml", "log.jsonl", "epoch_009.pt", "epoch_010.pt"):
+        (run / name).write_text(name)
+    keep = tmp_path / "docs/results/progress/long"
+    keep.mkdir(parents=True)
+    (keep / "epoch_004.pt").write_text("older")
+
+    def study(*args):
+        return subprocess.run(["bash", str(tmp_path / "scripts/study.sh"), *args], check=True, capture_output=True,
+                              text=True, env={**os.environ, "ROBAL": "robal"}).stdout
+
+    study("--save-progress", "long")
+    assert sorted(p.name for p in keep.iterdir()) == ["config.yaml", "epoch_010.pt", "log.jsonl"]
+    assert (keep / "epoch_010.pt").read_text() == "epoch_010.pt"
+    shutil.rmtree(tmp_path / "runs")   # the next sitting's fresh checkout
+    out = study("--dry-run", "long")
+    restore = (f"+ cp docs/results/progress/long/config.yaml docs/results/progress/long/log.jsonl "
+               f"docs/results/progress/long/epoch_010.pt runs/cifar10_lt/long/")
+    assert restore in out
+    assert out.index(restore) < out.index("+ robal train configs/cifar10_lt/long.yaml --out runs/cifar10_lt/long "
+                                          "--resume auto")
+    assert "+ rm -r docs/results/progress/long" in out
+    assert "= no unfinished training in runs/cifar10_lt/long" in study("--save-progress", "long")
+
+
 def test_study_seed_rows_and_cpu_protocol(tmp_path):
     """NAME_seedN trains NAME.yaml with that seed; --cpu-protocol runs the two cheap evaluations, --subset-1000
     the AA-paper one on the 1,000 images; a row whose JSON is already in docs/results is neither retrained nor
