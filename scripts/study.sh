@@ -20,10 +20,10 @@
 #         eval_300:       clean, PGD-20, AA-paper and the reliability checks on the stratified 300-image subset
 #   - one `robal report` table per evaluation kind: docs/results/study_KIND.md.
 # Results that exist are skipped, so the script can be stopped and started again.
-# A training longer than a sitting: `--save-progress NAME` copies its newest epoch checkpoint, config and log to
-# docs/results/progress/NAME, to be committed, since runs/ does not outlive a checkout; a later sitting's
-# study.sh puts them back into the empty run directory and resumes from them (bit-exact). The folder goes when the
-# row's training ends.
+# Work longer than a sitting: `--save-progress NAME` copies an unfinished training's newest epoch checkpoint,
+# config and log, and the batch-by-batch state of unfinished evaluations (KIND.json.partial/), to
+# docs/results/progress/NAME, to be committed, since runs/ does not outlive a checkout; a later sitting's study.sh
+# puts them back and resumes from them (bit-exact). Each piece goes when its training or evaluation ends.
 #
 #   scripts/study.sh [--dry-run] [--cpu-protocol | --subset-1000 | --aa-10step | --sweep-sizes | --save-progress]
 #                    [--configs DIR] [NAME ...]
@@ -91,15 +91,26 @@ keep_weights() {  # copy the weights and training log of the run row $1 just tra
   if [ -d "$RESULTS/progress/$1" ]; then run rm -r "$RESULTS/progress/$1"; fi   # its unfinished state, now done
 }
 
-save_progress() {  # the newest epoch checkpoint, config and log of row $1's unfinished training, to commit
-  local out=$RUNS/$1 keep=$RESULTS/progress/$1 newest="" f
-  if [ -d "$out" ]; then newest=$(find "$out" -maxdepth 1 -name 'epoch_*.pt' | sort | tail -n 1); fi
-  if [ -f "$out/model.pt" ] || [ -z "$newest" ]; then echo "= no unfinished training in $out"; return 0; fi
-  run mkdir -p "$keep"
-  run cp "$out/config.yaml" "$out/log.jsonl" "$newest" "$keep/"
-  for f in "$keep"/epoch_*.pt; do   # the older epochs the folder held
-    if [ -f "$f" ] && [ "$(basename "$f")" != "$(basename "$newest")" ]; then run rm "$f"; fi
+save_progress() {  # row $1's unfinished training (newest epoch checkpoint, config, log) and evaluations, to commit
+  local out=$RUNS/$1 keep=$RESULTS/progress/$1 newest="" f state
+  if [ -d "$out" ] && [ ! -f "$out/model.pt" ]; then
+    newest=$(find "$out" -maxdepth 1 -name 'epoch_*.pt' | sort | tail -n 1)
+  fi
+  if [ -n "$newest" ]; then
+    run mkdir -p "$keep"
+    run cp "$out/config.yaml" "$out/log.jsonl" "$newest" "$keep/"
+    for f in "$keep"/epoch_*.pt; do   # the older epochs the folder held
+      if [ -f "$f" ] && [ "$(basename "$f")" != "$(basename "$newest")" ]; then run rm "$f"; fi
+    done
+  fi
+  for state in "$out"/*.json.partial; do
+    [ -d "$state" ] || continue
+    run mkdir -p "$keep"
+    if [ -d "$keep/$(basename "$state")" ]; then run rm -r "$keep/$(basename "$state")"; fi
+    run cp -r "$state" "$keep/"
+    newest=$state
   done
+  if [ -z "$newest" ]; then echo "= nothing unfinished in $out"; fi
 }
 
 restore_progress() {  # a committed unfinished training of row $1 into its empty run directory, for --resume auto
@@ -158,10 +169,13 @@ eval_args() {  # the `robal eval` arguments of evaluation kind $1
 }
 
 evaluate() {  # the evaluations of row $1, each skipped when its JSON is in docs/results (committed or copied)
-  local name=$1 out=$RUNS/$1 kind
+  local name=$1 out=$RUNS/$1 keep=$RESULTS/progress/$1 kind
   for kind in "${KINDS[@]}"; do
     if [ -f "$RESULTS/$name.$kind.json" ]; then echo "= $RESULTS/$name.$kind.json exists"; continue; fi
     if [ ! -f "$out/$kind.json" ]; then
+      if [ ! -d "$out/$kind.json.partial" ] && [ -d "$keep/$kind.json.partial" ]; then   # committed progress
+        run cp -r "$keep/$kind.json.partial" "$out/"
+      fi
       # shellcheck disable=SC2046
       run "$ROBAL" eval "$out" $(eval_args "$kind") --json "$out/$kind.json"
     fi
@@ -169,6 +183,7 @@ evaluate() {  # the evaluations of row $1, each skipped when its JSON is in docs
       mkdir -p "$RESULTS"
       cp "$out/$kind.json" "$RESULTS/$name.$kind.json"
     fi
+    if [ -d "$keep/$kind.json.partial" ]; then run rm -r "$keep/$kind.json.partial"; fi
   done
 }
 

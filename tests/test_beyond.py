@@ -431,8 +431,8 @@ def test_study_reuses_committed_weights(tmp_path):
 
 def test_study_keeps_an_unfinished_training_for_the_next_checkout(tmp_path):
     """--save-progress copies the newest epoch checkpoint with config and log to docs/results/progress/NAME
-    (replacing the older one there); a checkout without runs/ copies them back before `robal train --resume auto`;
-    the row's end of training removes the folder."""
+    (replacing the older one there), and an unfinished evaluation's state; a checkout without runs/ copies them
+    back before `robal train --resume auto` or `robal eval`; the end of either removes what it no longer needs."""
     (tmp_path / "scripts").mkdir()
     shutil.copy(ROOT / "scripts/study.sh", tmp_path / "scripts/study.sh")
     (tmp_path / "configs/cifar10_lt").mkdir(parents=True)
@@ -460,7 +460,25 @@ def test_study_keeps_an_unfinished_training_for_the_next_checkout(tmp_path):
     assert out.index(restore) < out.index("+ robal train configs/cifar10_lt/long.yaml --out runs/cifar10_lt/long "
                                           "--resume auto")
     assert "+ rm -r docs/results/progress/long" in out
-    assert "= no unfinished training in runs/cifar10_lt/long" in study("--save-progress", "long")
+    assert "= nothing unfinished in runs/cifar10_lt/long" in study("--save-progress", "long")
+
+    # a trained row whose AutoAttack evaluation stopped part-way: its batch-by-batch state travels the same way
+    unit = run / "eval_aa.json.partial/units/aa/000003.json"
+    unit.parent.mkdir(parents=True)
+    (run / "model.pt").write_text("weights")
+    unit.write_text("{}")
+    study("--save-progress", "long")
+    assert (keep / "eval_aa.json.partial/units/aa/000003.json").is_file()
+    shutil.rmtree(tmp_path / "runs")
+    (tmp_path / "docs/results/models").mkdir()
+    (tmp_path / "docs/results/models/long.pt").write_text("weights")
+    (tmp_path / "docs/results/long.eval_full.json").write_text("{}")
+    out = study("--dry-run", "long")
+    restore = "+ cp -r docs/results/progress/long/eval_aa.json.partial runs/cifar10_lt/long/"
+    assert restore in out and "train" not in out
+    assert out.index(restore) < out.index("+ robal eval runs/cifar10_lt/long --attacks aa-paper,aa")
+    assert out.index("+ robal eval runs/cifar10_lt/long --attacks aa-paper,aa") < out.index(
+        "+ rm -r docs/results/progress/long/eval_aa.json.partial")
 
 
 def test_study_seed_rows_and_cpu_protocol(tmp_path):
