@@ -1,7 +1,7 @@
 """Kills survived: SIGKILL at seeded points of a digits run (inside training steps, inside checkpoint writes, inside
 an evaluation), each followed by a resume or rerun that ends bit-identical to an uninterrupted run.
 
-The kill is exact, not timed: the process runs robal under a small wrapper that SIGKILLs itself at the N-th call
+The kill is exact, not timed: the process runs robal under tests/kill_wrapper.py, which SIGKILLs it at the N-th call
 of a function robal calls at that point (the optimiser step, the fsync of a checkpoint write, an attack batch).
 """
 import json
@@ -23,24 +23,7 @@ RUN = ["model.backbone_args.width=8", "train.checkpoint_every=1", "train.epochs=
        "train.batch_size=32", "train.keep_last=2"]
 STEPS_PER_EPOCH = 17  # 519 training images in batches of 32
 
-# the wrapper: patch `target` (module:attribute) so that its N-th call SIGKILLs the process, then run the CLI
-WRAPPER = """
-import importlib, os, signal, sys
-module, _, attr = os.environ["KILL_TARGET"].partition(":")
-owner_path, _, name = attr.rpartition(".")
-owner = importlib.import_module(module)
-for part in filter(None, owner_path.split(".")):
-    owner = getattr(owner, part)
-real, calls, at = getattr(owner, name), [0], int(os.environ["KILL_AT"])
-def counted(*args, **kwargs):
-    calls[0] += 1
-    if calls[0] == at:
-        os.kill(os.getpid(), signal.SIGKILL)
-    return real(*args, **kwargs)
-setattr(owner, name, counted)
-from robal.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
+KILL_WRAPPER = str(Path(__file__).with_name("kill_wrapper.py"))  # its N-th call of KILL_TARGET SIGKILLs it
 
 TRAIN = ["train", DIGITS, *[a for o in RUN for a in ("--set", o)], "--quiet"]
 EVAL = ["--attacks", "clean,pgd20,mim", "--checks", "none", "--batch-size", "100"]
@@ -52,7 +35,7 @@ def robal(argv, kill_target=None, kill_at=None):
         return subprocess.run([sys.executable, "-m", "robal", *argv], env=env, capture_output=True, text=True,
                               timeout=300)
     env.update(KILL_TARGET=kill_target, KILL_AT=str(kill_at))
-    return subprocess.run([sys.executable, "-c", WRAPPER, *argv], env=env, capture_output=True, text=True,
+    return subprocess.run([sys.executable, KILL_WRAPPER, *argv], env=env, capture_output=True, text=True,
                           timeout=300)
 
 

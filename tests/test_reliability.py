@@ -12,7 +12,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +28,7 @@ from robal.train.trainer import Trainer, TrainingDiverged, config_differences
 DIGITS = Path(__file__).resolve().parents[1] / "configs/digits_lt/pgd_at.yaml"
 TINY = ["model.backbone_args.width=8", "train.checkpoint_every=1"]
 ONE_EPOCH = TINY + ["train.epochs=1", "train.lr_milestones=[]"]
-# 4 epochs, lr decay at 2, small batches so that an epoch lasts long enough to be killed in the middle of it
+# 4 epochs, lr decay at 2, batches of 8 (65 steps an epoch)
 RESUMABLE = TINY + ["train.epochs=4", "train.lr_milestones=[2]", "train.batch_size=8"]
 
 
@@ -76,10 +75,14 @@ def tiny_run(tmp_path_factory):
 
 # ---------------------------------------------------------------- resume after SIGKILL, bit for bit
 
-def start(out, *extra):
+def start(out, *extra, kill_at_step=None):
+    """robal train; with kill_at_step=N, SIGKILLed at its N-th optimiser step (tests/kill_wrapper.py)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "robal", "train", str(DIGITS), *sets(RESUMABLE), "--out", str(out), "--quiet",
-           *extra]
+    cli = [sys.executable, "-m", "robal"]
+    if kill_at_step is not None:
+        env.update(KILL_TARGET="torch.optim:SGD.step", KILL_AT=str(kill_at_step))
+        cli = [sys.executable, str(Path(__file__).with_name("kill_wrapper.py"))]
+    cmd = [*cli, "train", str(DIGITS), *sets(RESUMABLE), "--out", str(out), "--quiet", *extra]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -89,28 +92,16 @@ def finish(proc):
     return output
 
 
-def kill_when(*targets):
-    """For each (process, path, delay): SIGKILL the process `delay` seconds after `path` appears."""
-    pending, deadline = list(targets), time.monotonic() + 120
-    while pending:
-        for target in list(pending):
-            proc, path, delay = target
-            if path.exists():
-                time.sleep(delay)
-                proc.send_signal(signal.SIGKILL)
-                proc.wait()
-                pending.remove(target)
-            else:
-                assert proc.poll() is None, f"the run ended before {path.name} appeared:\n{proc.communicate()[0]}"
-        assert time.monotonic() < deadline, f"{[str(t[1]) for t in pending]} did not appear"
-        time.sleep(0.005)
+def killed(proc):
+    output = proc.communicate(timeout=300)[0]
+    assert proc.returncode == -signal.SIGKILL, output
 
 
 def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
     ref, mid, early, fallback = (tmp_path / name for name in ("ref", "mid", "early", "fallback"))
-    runs = [start(ref), start(mid), start(early)]
-    kill_when((runs[1], mid / "epoch_002.pt", 0.1),  # in epoch 3 (an epoch takes about 0.5 s)
-              (runs[2], early / "config.yaml", 0.05))  # in epoch 1, before any checkpoint
+    runs = [start(ref), start(mid, kill_at_step=160), start(early, kill_at_step=10)]  # 65 steps an epoch
+    killed(runs[1])  # in epoch 3
+    killed(runs[2])  # in epoch 1, before any checkpoint
     finish(runs[0])
     assert not (mid / "epoch_003.pt").exists() and log_epochs(mid) == [1, 2], "not killed in epoch 3"
     assert not list(early.glob("epoch_*.pt")), "not killed before the first checkpoint"

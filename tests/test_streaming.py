@@ -148,11 +148,16 @@ train:
 """
 
 
-def start(config, out, *extra):
+def start(config, out, *extra, kill_at_fsync=None):
+    """robal train in its own process group; with kill_at_fsync=N, SIGKILLed inside its N-th fsync (the N-th
+    checkpoint write, before the rename: tests/kill_wrapper.py)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ROBAL_TEST_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "robal", "train", str(config), "--out", str(out), "--quiet",
-                             *extra], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)  # its own process group: the kill takes the workers too
+    cli = [sys.executable, "-m", "robal"]
+    if kill_at_fsync is not None:
+        env.update(KILL_TARGET="os:fsync", KILL_AT=str(kill_at_fsync))
+        cli = [sys.executable, str(Path(__file__).with_name("kill_wrapper.py"))]
+    return subprocess.Popen([*cli, "train", str(config), "--out", str(out), "--quiet", *extra], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
 def finish(proc):
@@ -166,17 +171,16 @@ def test_a_killed_streaming_run_resumes_bit_for_bit(images, tmp_path):
     for loader, workers in (("memory", 0), ("streaming", 2)):
         configs[loader] = tmp_path / f"{loader}.yaml"
         configs[loader].write_text(RUN.format(root=images, loader=loader, workers=workers))
-    ref, killed = start(configs["memory"], tmp_path / "ref"), start(configs["streaming"], tmp_path / "killed")
-    mark, deadline = tmp_path / "killed/epoch_002.pt", time.monotonic() + 200
-    while not mark.exists():
-        assert killed.poll() is None, killed.communicate()[0]
-        assert time.monotonic() < deadline, "epoch 2 never ended"
-        time.sleep(0.005)
-    time.sleep(0.2)
-    os.killpg(killed.pid, signal.SIGKILL)
-    killed.wait()
+    ref = start(configs["memory"], tmp_path / "ref")
+    killed = start(configs["streaming"], tmp_path / "killed", kill_at_fsync=3)  # writing epoch 3's checkpoint
+    output = killed.communicate(timeout=300)[0]
+    assert killed.returncode == -signal.SIGKILL, output
+    try:
+        os.killpg(killed.pid, signal.SIGKILL)  # its loader workers, if any outlived it
+    except ProcessLookupError:
+        pass
     finish(ref)
-    assert not (tmp_path / "killed/epoch_004.pt").exists(), "not killed before the end"
+    assert sorted(p.name for p in (tmp_path / "killed").glob("epoch_*.pt")) == ["epoch_001.pt", "epoch_002.pt"]
     resumed = finish(start(configs["streaming"], tmp_path / "killed", "--resume"))
     assert "resuming from" in resumed
     a = read_checkpoint(tmp_path / "ref/model.pt")["state_dict"]
