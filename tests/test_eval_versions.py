@@ -5,6 +5,7 @@ Runtime about 40-50 s on 2 shared CPU cores, most of it Square's 5,000 queries i
 Python loop of small tensor operations, whatever the model), so the model there is a small MLP."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -305,8 +306,10 @@ sys.exit(main(sys.argv[1:]))
 
 def test_killed_robal_eval_resumes_to_the_same_json(digits_run, tmp_path, capsys):
     """`robal eval` killed (SIGKILL) right after its 5th stored batch (clean 2, FGSM 2, APGD-CE 1 of 2), rerun
-    with the same arguments: the same JSON as an uninterrupted run, and the state removed."""
-    run = digits_run[0]
+    with the same arguments on the run directory moved elsewhere (a fresh checkout): it resumes, gives the same JSON
+    as an uninterrupted run, and removes the state."""
+    run = tmp_path / "run"
+    shutil.copytree(digits_run[0], run)
     eval_args = ["--attacks", "clean,fgsm,aa:apgd-ce", "--n-test", "20", "--batch-size", "10", "--checks", "none"]
     killed_json = tmp_path / "killed.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
@@ -317,10 +320,11 @@ def test_killed_robal_eval_resumes_to_the_same_json(digits_run, tmp_path, capsys
     state = resume.state_dir_for(killed_json)
     assert not killed_json.exists() and len(list((state / "units").glob("*/*.json"))) == 5
 
-    assert main(["eval", str(run), *eval_args, "--json", str(killed_json)]) == 0
-    assert "resuming the evaluation" in capsys.readouterr().out
+    moved = run.rename(tmp_path / "moved")
+    assert main(["eval", str(moved), *eval_args, "--json", str(killed_json)]) == 0
+    assert "resuming the evaluation stored in" in capsys.readouterr().out
     assert not state.exists()
-    assert main(["eval", str(run), *eval_args, "--json", str(tmp_path / "whole.json")]) == 0
+    assert main(["eval", str(moved), *eval_args, "--json", str(tmp_path / "whole.json")]) == 0
     resumed, whole = (json.loads(p.read_text()) for p in (killed_json, tmp_path / "whole.json"))
     assert without_seconds(resumed) == without_seconds(whole)
     assert resumed["attacks"]["aa:apgd-ce"]["settings"]["attacks"] == ["apgd-ce"]

@@ -209,7 +209,7 @@ def cmd_eval(args) -> int:
     result = evaluate_model(model, data.x_test, data.y_test, attacks, eps, step,
                             model.spec["class_counts"], batch, device, args.n_test, cfg.eval.seed,
                             progress=ctx.main, shard=ctx.shard, state_dir=state,
-                            fingerprint={"checkpoint": str(path.resolve()), "inference": model.spec["inference"]})
+                            fingerprint={"spec": model.spec})
     if not ctx.main:  # the reliability checks and the files: rank 0 alone
         distributed.cleanup()
         return 0

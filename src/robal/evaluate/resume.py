@@ -5,7 +5,8 @@ same arguments continues where it stopped and gives the same result as an uninte
 The state is keyed by a fingerprint of everything that determines the predictions: the attacks, eps, step size,
 batch size, seed, the attacked images and labels (a digest of the tensors), the model's weights (a digest of its
 `state_dict`, when it has one), the device type, the versions of torch, pyautoattack and robal, and whatever
-the caller adds (`robal eval`: the checkpoint and its inference adjustments). A state made with another
+the caller adds (`robal eval`: the checkpoint's model spec, inference adjustments included; not its path, so a
+run directory moved or checked out elsewhere resumes its evaluation). A state made with another
 fingerprint is discarded, and the evaluation starts afresh and says so. Every file is written to a temporary
 name and moved into place (os.replace), so a kill never leaves a half-written unit. The caller removes the state
 (`clear_state`) once its result is written.
