@@ -394,21 +394,24 @@ def test_ratio_sweep_configs_differ_from_their_base_only_in_ratio_and_name():
     assert sum(long_tailed_counts(5000, 10, 100)) == 12406 and sum(long_tailed_counts(5000, 10, 50)) == 13996
 
 
-def test_sweep_and_study_scripts_list_their_runs():
-    for script in ("scripts/ratio_sweep.sh", "scripts/study.sh"):
-        path = ROOT / script
-        assert path.is_file(), script
-        subprocess.run(["bash", "-n", str(path)], check=True)
-    out = subprocess.run(["bash", str(ROOT / "scripts/ratio_sweep.sh"), "--dry-run"], cwd=ROOT, check=True,
-                         capture_output=True, text=True).stdout
+def test_sweep_and_study_scripts_list_their_runs(tmp_path):
+    """Dry runs in a tree without committed results, so every row is listed however far the study has got."""
+    for script in ("ratio_sweep.sh", "study.sh"):
+        (tmp_path / "scripts").mkdir(exist_ok=True)
+        shutil.copy(ROOT / "scripts" / script, tmp_path / "scripts" / script)
+        subprocess.run(["bash", "-n", str(tmp_path / "scripts" / script)], check=True)
+    shutil.copytree(CONFIGS, tmp_path / "configs")
+    env = {**os.environ, "ROBAL": "robal"}
+    out = subprocess.run(["bash", "scripts/ratio_sweep.sh", "--dry-run"], cwd=tmp_path, check=True,
+                         capture_output=True, text=True, env=env).stdout
     for path in SWEEP:
         assert f"train configs/cifar10_lt/ratio_sweep/{path.stem}.yaml --out runs/cifar10_lt/ratio_sweep/{path.stem}" in out
         assert f"cp runs/cifar10_lt/ratio_sweep/{path.stem}/model.pt docs/results/ratio_sweep/models/{path.stem}.pt" in out
         assert (f"eval runs/cifar10_lt/ratio_sweep/{path.stem} --attacks clean,pgd20,aa-paper --n-test 1000 --checks none"
                 in out)
     assert "scripts/ratio_sweep_report.py" in out and "pgd_at_r50" not in out
-    study = subprocess.run(["bash", str(ROOT / "scripts/study.sh"), "--dry-run"], cwd=ROOT, check=True,
-                           capture_output=True, text=True).stdout
+    study = subprocess.run(["bash", "scripts/study.sh", "--dry-run"], cwd=tmp_path, check=True,
+                           capture_output=True, text=True, env=env).stdout
     for stem in NEW:
         assert f"runs/cifar10_lt/{stem}" in study
 
