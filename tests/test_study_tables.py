@@ -302,3 +302,43 @@ def test_ratio_sweep_report_reads_the_study_rows_at_50_and_pairs_robal_with_pgd_
     assert rows[("50", "RoBal-N")][5] == " / ".join([f"+10.00 ({noise:.2f})"] * 3) + f" / +66.67 ({tail_noise:.2f})"
     assert rows[("50", "PGD-AT")][5] == ""
     assert (tmp_path / "sweep.png").stat().st_size > 10_000
+
+
+@pytest.fixture(scope="module")
+def bf16():
+    spec = importlib.util.spec_from_file_location("bf16_report", SCRIPT.parent / "bf16_report.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bf16_report_pairs_precision_at_a_seed_and_seeds_at_a_precision_by_hand(bf16, tmp_path):
+    """fp32 seed 0's clean 10,000 comes from its eval_full, seed 1's from eval_clean_10k; bf16 rows from bf16/;
+    differences are paired on the same images; a pair with a missing row says so."""
+    labels = list(range(10)) * 2
+    rho50 = [5000, 3237, 2096, 1357, 878, 568, 368, 238, 154, 100]
+
+    def evaluation(right):  # right: the classes classified correctly, under every attack
+        preds = [y if y in right else (y + 1) % 10 for y in labels]
+        attack = {"accuracy": 100 * sum(y in right for y in labels) / 20, "std_error": 1.0, "predictions": preds}
+        return {"labels": labels, "class_counts": rho50,
+                "attacks": {"clean": attack, "pgd20": attack, "aa-paper": attack}}
+
+    (tmp_path / "bf16").mkdir()
+    files = {"pgd_at.eval_full": {0, 1, 2}, "pgd_at.eval_1000": {0, 1, 2},
+             "pgd_at_seed1.eval_clean_10k": {0, 1}, "pgd_at_seed1.eval_1000": {0, 1},
+             "bf16/pgd_at.eval_clean_10k": {0, 1, 2, 9}, "bf16/pgd_at.eval_1000": {0, 1, 2, 9}}
+    for name, right in files.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(evaluation(right)))
+    bf16.main(["--results", str(tmp_path), "--out", str(tmp_path / "bf16.md")])
+    text = (tmp_path / "bf16.md").read_text()
+    assert "| PGD-AT | 0 | bf16 | 40.00 ± 1.00 | 40.00 ± 1.00 | 40.00 ± 1.00 |" in text
+    assert "| PGD-AT | 1 | fp32 | 20.00 ± 1.00 | 20.00 ± 1.00 | 20.00 ± 1.00 |" in text
+    assert "| RoBal-N | 0 | fp32 | not run yet | not run yet | not run yet |" in text
+    # bf16 - fp32 at seed 0: class 9 gained (+1 on its 2 images), nothing lost; seed 1 - seed 0 in fp32: class 2 lost
+    gain = 200 * statistics.pstdev([1 if y == 9 else 0 for y in labels]) / 20 ** 0.5
+    tail_gain = 200 * statistics.pstdev([1 if y == 9 else 0 for y in labels if y >= 7]) / 6 ** 0.5
+    loss = 200 * statistics.pstdev([-1 if y == 2 else 0 for y in labels]) / 20 ** 0.5
+    row = [c.strip() for c in text.splitlines()[-2].strip("|").split("|")]
+    assert row == ["PGD-AT", " / ".join([f"+10.00 ({gain:.2f})"] * 3) + f" / +33.33 ({tail_gain:.2f})", "not run yet",
+                   " / ".join([f"-10.00 ({loss:.2f})"] * 3) + " / +0.00 (0.00)", "not run yet"]
