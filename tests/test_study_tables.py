@@ -12,12 +12,17 @@ from robal.evaluate.report import paired_gains, tail_third_accuracy, tail_third_
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "study_tables.py"
 
 
-@pytest.fixture(scope="module")
-def tables():
-    spec = importlib.util.spec_from_file_location("study_tables", SCRIPT)
+def load_script(name: str):
+    """scripts/NAME.py as a module (the scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, SCRIPT.parent / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def tables():
+    return load_script("study_tables")
 
 
 LABELS = [0, 0, 1, 1] * 10
@@ -120,9 +125,7 @@ def test_paired_gains_by_hand(tmp_path):
 
 
 def test_paired_gains_script_prints_and_refuses(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("paired_gains", SCRIPT.parent / "paired_gains.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("paired_gains")
     base, run, other = tmp_path / "base.json", tmp_path / "run.json", tmp_path / "other.json"
     base.write_text(json.dumps(evaluation([1, 1, 0, 0], [1, 0, 0, 0], [1, 0, 0, 0])))
     run_result = evaluation([1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0])
@@ -191,12 +194,9 @@ def pareto():
 
     sys.path.insert(0, str(SCRIPT.parent))  # pareto.py imports study_tables' row labels
     try:
-        spec = importlib.util.spec_from_file_location("pareto", SCRIPT.parent / "pareto.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        return load_script("pareto")
     finally:
         sys.path.remove(str(SCRIPT.parent))
-    return module
 
 
 def test_pareto_front_and_tail_gains_by_hand(pareto, tmp_path):
@@ -260,10 +260,7 @@ def test_aa10step_table_pairs_with_the_official_aa_by_hand(tables, tmp_path):
 
 @pytest.fixture(scope="module")
 def sweep():
-    spec = importlib.util.spec_from_file_location("ratio_sweep_report", SCRIPT.parent / "ratio_sweep_report.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("ratio_sweep_report")
 
 
 def test_ratio_sweep_report_reads_the_study_rows_at_50_and_pairs_robal_with_pgd_at(sweep, tmp_path):
@@ -306,10 +303,7 @@ def test_ratio_sweep_report_reads_the_study_rows_at_50_and_pairs_robal_with_pgd_
 
 @pytest.fixture(scope="module")
 def bf16():
-    spec = importlib.util.spec_from_file_location("bf16_report", SCRIPT.parent / "bf16_report.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bf16_report")
 
 
 def test_bf16_report_pairs_precision_at_a_seed_and_seeds_at_a_precision_by_hand(bf16, tmp_path):
