@@ -205,6 +205,10 @@ def test_pareto_front_and_tail_gains_by_hand(pareto, tmp_path):
     pts = [{"row": r, "clean": c, "aa": a} for r, c, a in
            [("a", 30, 22), ("b", 50, 20), ("c", 48, 24), ("d", 40, 21), ("e", 48, 24), ("f", 52, 19)]]
     assert pareto.pareto_front(pts, "aa") == {"b", "c", "e", "f"}  # d is beaten by c; c and e tie
+    # a longer-trained row that beats them all has a front of its own and takes no row off the 20-epoch one
+    budgets = [{**p, "epochs": 20} for p in pts] + [{"row": "g", "clean": 60, "aa": 25, "epochs": 80},
+                                                     {"row": "h", "clean": 55, "aa": 23, "epochs": 80}]
+    assert pareto.fronts(budgets, "aa") == {"b", "c", "e", "f", "g"}
 
     counts = [500, 300, 200, 100, 50, 20]  # thirds: classes 0-1, 2-3, 4-5 (the tail)
     labels = [0, 1, 2, 3, 4, 5] * 10
