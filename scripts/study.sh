@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every row of the study (CIFAR-10-LT rho 50; the CPU reference setting of DESIGN.md section 3), resumable:
-#   - train the run if runs/cifar10_lt/NAME/model.pt is missing (post-hoc rows: `robal adjust` of the PGD-AT run;
+#   - train the run if runs/cifar10_lt/NAME/model.pt is missing (post-hoc rows: `robal adjust` of the PGD-AT run,
+#     the 80-epoch one for a post-hoc row NAME_e80;
 #     fine-tune rows start from it, so pgd_at comes first), or copy docs/results/models/NAME.pt, the weights
 #     an earlier session committed, when it exists; a row NAME_seedN is NAME.yaml trained with --set seed=N;
 #     a row it trains gets its weights and training log copied to docs/results/models/NAME.pt and
@@ -121,11 +122,15 @@ restore_progress() {  # a committed unfinished training of row $1 into its empty
   fi
 }
 
+posthoc_base() {  # the run post-hoc row $1 adjusts: PGD-AT of the same schedule (NAME_e80: the 80-epoch one)
+  case "$1" in *_e80) echo pgd_at_e80 ;; *) echo pgd_at ;; esac
+}
+
 produce() {  # train (or adjust) the run of row $1 if its model is missing
   local name=$1 out=$RUNS/$1
   case "$name" in   # these rows start from the PGD-AT run
     finetune_*) produce pgd_at ;;
-    *) if [ -f "$CONFIGS/posthoc/$name.yaml" ]; then produce pgd_at; fi ;;
+    *) if [ -f "$CONFIGS/posthoc/$name.yaml" ]; then produce "$(posthoc_base "$name")"; fi ;;
   esac
   if [ -f "$out/model.pt" ]; then
     echo "= $out/model.pt exists"
@@ -142,7 +147,7 @@ produce() {  # train (or adjust) the run of row $1 if its model is missing
       --resume auto --quiet
     keep_weights "$name"
   elif [ -f "$CONFIGS/posthoc/$name.yaml" ]; then
-    run "$ROBAL" adjust "$RUNS/pgd_at" --inference-file "$CONFIGS/posthoc/$name.yaml" --out "$out/model.pt"
+    run "$ROBAL" adjust "$RUNS/$(posthoc_base "$name")" --inference-file "$CONFIGS/posthoc/$name.yaml" --out "$out/model.pt"
   else
     echo "study.sh: no config for row '$name' in $CONFIGS or $CONFIGS/posthoc" >&2
     return 2

@@ -71,6 +71,7 @@ LATER = [
 E80 = [
     ("pgd_at_e80", "PGD-AT, 80 epochs", None),
     ("robal_n_e80", "RoBal-N, 80 epochs", None),
+    ("posthoc_la_e80", "post-hoc LA, 80 epochs", None),
 ]
 ALL_ROWS = [*TABLE_2, *TABLE_1[1:], *LATER, *E80]
 SEEDED = [("pgd_at", "PGD-AT"), ("robal_n", "RoBal-N")]

@@ -487,13 +487,14 @@ def test_study_keeps_an_unfinished_training_for_the_next_checkout(tmp_path):
 def test_study_seed_rows_and_cpu_protocol(tmp_path):
     """NAME_seedN trains NAME.yaml with that seed; --cpu-protocol runs the two cheap evaluations, --subset-1000
     the AA-paper one on the 1,000 images; a row whose JSON is already in docs/results is neither retrained nor
-    re-evaluated; post-hoc rows bring PGD-AT first."""
+    re-evaluated; post-hoc rows bring PGD-AT first (NAME_e80: the 80-epoch PGD-AT)."""
     (tmp_path / "scripts").mkdir()
     shutil.copy(ROOT / "scripts/study.sh", tmp_path / "scripts/study.sh")
     (tmp_path / "configs/cifar10_lt/posthoc").mkdir(parents=True)
-    for name in ("pgd_at", "robal_n", "done"):
+    for name in ("pgd_at", "pgd_at_e80", "robal_n", "done"):
         (tmp_path / f"configs/cifar10_lt/{name}.yaml").write_text("base: pgd_at.yaml\n")
     (tmp_path / "configs/cifar10_lt/posthoc/la.yaml").write_text("inference: []\n")
+    (tmp_path / "configs/cifar10_lt/posthoc/la_e80.yaml").write_text("inference: []\n")
     (tmp_path / "docs/results").mkdir(parents=True)
     for kind in ("eval_clean_10k", "eval_300"):
         (tmp_path / f"docs/results/done.{kind}.json").write_text("{}")
@@ -510,6 +511,10 @@ def test_study_seed_rows_and_cpu_protocol(tmp_path):
     assert "= docs/results/done.eval_300.json exists" in out
     la = out[out.index("== la"):]
     assert la.index("train configs/cifar10_lt/pgd_at.yaml") < la.index("+ robal adjust runs/cifar10_lt/pgd_at")
+    la_e80 = subprocess.run(["bash", str(tmp_path / "scripts/study.sh"), "--dry-run", "la_e80"], check=True,
+                            capture_output=True, text=True, env={**os.environ, "ROBAL": "robal"}).stdout
+    assert la_e80.index("train configs/cifar10_lt/pgd_at_e80.yaml") < la_e80.index(
+        "+ robal adjust runs/cifar10_lt/pgd_at_e80 --inference-file configs/cifar10_lt/posthoc/la_e80.yaml")
     full = subprocess.run(["bash", str(tmp_path / "scripts/study.sh"), "--dry-run", "robal_n_seed2"],
                           check=True, capture_output=True, text=True, env={**os.environ, "ROBAL": "robal"}).stdout
     assert f"--attacks clean,pgd20 --json {seed_run}/eval_full.json" in full
