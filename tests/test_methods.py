@@ -229,7 +229,7 @@ def test_cosine_heads_predict_with_the_training_scale(path):
 
 
 def test_posthoc_files_hold_only_an_inference_list():
-    assert {p.stem for p in POSTHOC} == {"cdt_post", "tau_norm", "posthoc_la"}
+    assert {p.stem for p in POSTHOC} == {"cdt_post", "tau_norm", "posthoc_la", "posthoc_la_e80"}
     for path in POSTHOC:
         import yaml
 
