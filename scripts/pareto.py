@@ -61,19 +61,20 @@ def pareto_front(pts: list[dict], y: str) -> set[str]:
 
 def fronts(pts: list[dict], y: str) -> set[str]:
     """The Pareto front of each training budget: rows compete only with rows trained for as many epochs."""
-    return set().union(*(pareto_front([p for p in pts if p["epochs"] == e], y) for e in {p["epochs"] for p in pts}))
+    budgets = {p["epochs"] for p in pts}
+    return set().union(*(pareto_front([p for p in pts if p["epochs"] == e], y) for e in budgets))
 
 
 def table(pts: list[dict]) -> str:
     front, tail_front = fronts(pts, "aa"), fronts(pts, "tail_aa")
-    lines = ["| Row | epochs | Clean (10,000) | standard AA (1,000) | tail-third AA (300 of the 1,000) | vs PGD-AT, paired "
-             "(two SE): AA / tail-third AA | front: clean-AA | front: clean-tail AA |",
+    lines = ["| Row | epochs | Clean (10,000) | standard AA (1,000) | tail-third AA (300 of the 1,000) | "
+             "vs PGD-AT, paired (two SE): AA / tail-third AA | front: clean-AA | front: clean-tail AA |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for p in sorted(pts, key=lambda p: -p["clean"]):
         gains = "" if p["gain"] is None else (f"{p['gain']:+.2f} ({p['noise']:.2f}) / "
                                               f"{p['tail_gain']:+.2f} ({p['tail_noise']:.2f})")
-        lines.append(f"| {p['label']} | {p['epochs']} | {p['clean']:.2f} | {p['aa']:.2f} | {p['tail_aa']:.2f} | {gains} | "
-                     f"{'yes' if p['row'] in front else ''} | {'yes' if p['row'] in tail_front else ''} |")
+        lines.append(f"| {p['label']} | {p['epochs']} | {p['clean']:.2f} | {p['aa']:.2f} | {p['tail_aa']:.2f} | "
+                     f"{gains} | {'yes' if p['row'] in front else ''} | {'yes' if p['row'] in tail_front else ''} |")
     return "\n".join(lines) + "\n"
 
 

@@ -147,7 +147,8 @@ produce() {  # train (or adjust) the run of row $1 if its model is missing
       --resume auto --quiet
     keep_weights "$name"
   elif [ -f "$CONFIGS/posthoc/$name.yaml" ]; then
-    run "$ROBAL" adjust "$RUNS/$(posthoc_base "$name")" --inference-file "$CONFIGS/posthoc/$name.yaml" --out "$out/model.pt"
+    run "$ROBAL" adjust "$RUNS/$(posthoc_base "$name")" --inference-file "$CONFIGS/posthoc/$name.yaml" \
+      --out "$out/model.pt"
   else
     echo "study.sh: no config for row '$name' in $CONFIGS or $CONFIGS/posthoc" >&2
     return 2
