@@ -246,6 +246,32 @@ def competition_ranks(values: dict[str, float]) -> dict[str, int]:
     return {key: 1 + sum(other > value for other in values.values()) for key, value in values.items()}
 
 
+def order_changes(first: dict[str, float], second: dict[str, float]) -> tuple[list, list]:
+    """Pairs of rows that `second` orders differently from `first`: (a, b) with a strictly above b under `first`
+    and strictly below it under `second` (reversed), and pairs tied under exactly one of the two (tie changed)."""
+    def sign(values, a, b):
+        return (values[a] > values[b]) - (values[a] < values[b])
+    rows = list(first)
+    pairs = [(a, b) for i, a in enumerate(rows) for b in rows[i + 1:]]
+    reversed_pairs = [(a, b) if sign(first, a, b) > 0 else (b, a) for a, b in pairs
+                      if sign(first, a, b) * sign(second, a, b) < 0]
+    tie_changed = [(a, b) for a, b in pairs if (sign(first, a, b) == 0) != (sign(second, a, b) == 0)]
+    return reversed_pairs, tie_changed
+
+
+def order_change_line(acc: dict, labels: dict) -> str:
+    reversed_pairs, tie_changed = order_changes(acc["aa"], acc["ten"])
+    if not reversed_pairs and not tie_changed:
+        return "\nNo two rows change order between the two attacks."
+    gaps = [abs(acc["aa"][a] - acc["aa"][b]) for a, b in reversed_pairs + tie_changed]
+    described = [f"{labels[a]} above {labels[b]} under AA ({fmt(acc['aa'][a])} vs {fmt(acc['aa'][b])}), below it "
+                 f"under aa-10step ({fmt(acc['ten'][a])} vs {fmt(acc['ten'][b])})" for a, b in reversed_pairs]
+    return (f"\nOrder changes between the two attacks. Pairs of rows in opposite order: {len(reversed_pairs)}"
+            + (" (" + "; ".join(described) + ")" if described else "")
+            + f". Pairs tied under one attack only: {len(tie_changed)}. The official AA separates the rows of every "
+            f"changed pair by at most {max(gaps):.2f} points.")
+
+
 def aa10step_table(results: Path, rows: list) -> str:
     """The 10-step AutoAttack (aa-10step) beside the official AA on the same 1,000 images, row by row: how much the
     10-step version overstates robust accuracy (paired, two SE), the images it leaves standing that AA breaks, the
@@ -276,6 +302,7 @@ def aa10step_table(results: Path, rows: list) -> str:
                  fmt(accuracy(aa, "aa-paper")), f"{gain:+.2f} ({two_se:.2f})", str(int((ten_ok & ~aa_ok).sum())),
                  str(differ), f"{ranks['aa'][row]} / {ranks['ten'][row]}", f"{ten['seconds']['aa-10step']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
+    lines.append(order_change_line(acc, {row: e[0] for row, e in evaluated.items()}))
     if missing:
         lines.append("\nNot run yet (no `NAME.eval_aa10step.json` beside `NAME.eval_aa.json`): " + ", ".join(missing) + ".")
     return "\n".join(lines)

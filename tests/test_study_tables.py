@@ -258,7 +258,18 @@ def test_aa10step_table_pairs_with_the_official_aa_by_hand(tables, tmp_path):
                                          "2 / 1", "1234"]
     assert cells(text, "RoBal-N")[1:] == ["75.00 ± 1.00", "75.00", "—", "+0.00 (0.00)", "0", "10", "1 / 1", "1234"]
     assert text.endswith("Not run yet (no `NAME.eval_aa10step.json` beside `NAME.eval_aa.json`): TRADES, RoBal-R.")
+    assert ("Order changes between the two attacks. Pairs of rows in opposite order: 0. Pairs tied under one attack "
+            "only: 1. The official AA separates the rows of every changed pair by at most 50.00 points.") in text
     assert tables.competition_ranks({"a": 3.0, "b": 5.0, "c": 5.0, "d": 1.0}) == {"a": 3, "b": 1, "c": 1, "d": 4}
+    # a over b and c under the first attack; the second puts b over a (reversed) and ties c with d (tie changed)
+    first, second = {"a": 3.0, "b": 2.0, "c": 1.0, "d": 0.5}, {"a": 3.0, "b": 4.0, "c": 1.0, "d": 1.0}
+    assert tables.order_changes(first, second) == ([("a", "b")], [("c", "d")])
+    line = tables.order_change_line({"aa": first, "ten": second}, {k: k.upper() for k in first})
+    assert ("Pairs of rows in opposite order: 1 (A above B under AA (3.00 vs 2.00), below it under aa-10step "
+            "(3.00 vs 4.00)). Pairs tied under one attack only: 1.") in line
+    assert line.endswith("by at most 1.00 points.")
+    unchanged = tables.order_change_line({"aa": first, "ten": first}, {})
+    assert unchanged == "\nNo two rows change order between the two attacks."
     assert "### The 10-step AutoAttack beside the official AA" in tables.render(tmp_path)
 
 
