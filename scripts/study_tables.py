@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+from itertools import combinations
 from pathlib import Path
 
 from robal.evaluate.checks import paired_noise
@@ -249,13 +250,15 @@ def competition_ranks(values: dict[str, float]) -> dict[str, int]:
 def order_changes(first: dict[str, float], second: dict[str, float]) -> tuple[list, list]:
     """Pairs of rows that `second` orders differently from `first`: (a, b) with a strictly above b under `first`
     and strictly below it under `second` (reversed), and pairs tied under exactly one of the two (tie changed)."""
-    def sign(values, a, b):
+    def order(values, a, b):
         return (values[a] > values[b]) - (values[a] < values[b])
-    rows = list(first)
-    pairs = [(a, b) for i, a in enumerate(rows) for b in rows[i + 1:]]
-    reversed_pairs = [(a, b) if sign(first, a, b) > 0 else (b, a) for a, b in pairs
-                      if sign(first, a, b) * sign(second, a, b) < 0]
-    tie_changed = [(a, b) for a, b in pairs if (sign(first, a, b) == 0) != (sign(second, a, b) == 0)]
+    reversed_pairs, tie_changed = [], []
+    for a, b in combinations(first, 2):
+        before, after = order(first, a, b), order(second, a, b)
+        if before * after < 0:
+            reversed_pairs.append((a, b) if before > 0 else (b, a))
+        elif (before == 0) != (after == 0):
+            tie_changed.append((a, b))
     return reversed_pairs, tie_changed
 
 
